@@ -80,7 +80,7 @@ def synthesize_inputs(model: nn.Module, shape: tuple[int, int, int], n: int = 64
             opt.zero_grad(set_to_none=True)
             model(x)
             loss = torch.stack(store).sum()
-            last = float(loss)
+            last = float(loss.detach())
             if step == 0:
                 first = last
             if step == steps:

@@ -36,10 +36,12 @@ from calib_free.bn_stats import BNStats
 
 from .artifacts import MixedPrecisionModel, QuantLayer
 from .config import QuantConfig
+from .errors import UsageError
 from .pairing import Link, plan_roles
 from .quantizers import quantize_weight
+from .rounding import error_feedback_round_
 
-__all__ = ["compensate", "closed_form_c", "eq22_loss", "quantize_layers"]
+__all__ = ["compensate", "closed_form_c", "eq22_loss", "quantize_layers", "calibration_inputs"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -109,23 +111,26 @@ def _set_weights_(model: nn.Module, layers: dict[str, QuantLayer]) -> None:
             mods[q.fqn].weight.copy_(q.weight())
 
 
-def estimate_statistics_(qmodel: nn.Module, fp_model: nn.Module, bn_names: list[str], cfg: QuantConfig,
-                         input_shape: tuple[int, int, int], real_inputs: torch.Tensor | None = None,
-                         progress: Callable | None = None) -> tuple[str, dict]:
-    """Re-estimate the named BN layers of ``qmodel`` (D3). Returns (estimator label, info)."""
-    if cfg.recal == "none" or not bn_names:
-        return "none (FP statistics kept)", {}
+def calibration_inputs(fp_model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, int],
+                       real_inputs: torch.Tensor | None = None,
+                       progress: Callable | None = None) -> tuple[torch.Tensor | None, str, dict]:
+    """The inputs used to re-estimate statistics (D3): synthetic (data-free, default), real (reference) or none.
+
+    Returns:
+        (inputs or None, estimator label for the report, info).
+    """
+    if cfg.recal == "none":
+        return None, "none (FP statistics kept)", {}
     if cfg.recal == "real":
         if real_inputs is None:
-            raise ValueError("recal='real' needs real_inputs")
-        recalibrate_bn_(qmodel, real_inputs, bn_names)
-        return f"REAL-DATA reference ({len(real_inputs)} images; not data-free)", {"recal_images": len(real_inputs)}
+            raise UsageError("--recal real is a labelled reference that needs --data (it reads real images)")
+        return real_inputs, f"REAL-DATA reference ({len(real_inputs)} images; not data-free)", {
+            "recal_images": len(real_inputs)}
     syn = synthesize_inputs(fp_model, input_shape, n=cfg.synth_samples, steps=cfg.synth_steps, lr=cfg.synth_lr,
                             seed=cfg.seed, progress=progress)
-    recalibrate_bn_(qmodel, syn.inputs, bn_names)
-    label = f"synthetic BN-statistics matching ({cfg.synth_samples} samples, {cfg.synth_steps} Adam steps)"
-    return label, {"synth_seconds": round(syn.seconds, 3), "synth_loss_initial": syn.initial_loss,
-                   "synth_loss_final": syn.final_loss}
+    label = f"synthetic BN-statistics matching ({cfg.synth_samples} samples, {cfg.synth_steps} Adam steps; no data)"
+    return syn.inputs, label, {"synth_seconds": round(syn.seconds, 3), "synth_loss_initial": round(syn.initial_loss, 5),
+                               "synth_loss_final": round(syn.final_loss, 5)}
 
 
 def compensate(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, int], arch: str | None = None,
@@ -161,8 +166,15 @@ def compensate(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, 
     bn_all = [n for n, m in qmodel.named_modules() if isinstance(m, nn.BatchNorm2d)]
     bn_low = [p.bn for p in pairs if p.bn is not None]
     scope = bn_all if cfg.recal_scope == "all" else bn_low
-    estimator, stat_info = estimate_statistics_(qmodel, model, scope, cfg, input_shape, real_inputs, progress)
+    inputs, estimator, stat_info = calibration_inputs(model, cfg, input_shape, real_inputs, progress)
     info.update(stat_info)
+    if cfg.rounding == "gptq":
+        if inputs is None:
+            raise UsageError("--rounding gptq needs calibration inputs: use --recal synthetic (default) or real")
+        info.update(error_feedback_round_(qmodel, model, layers, inputs,
+                                          recal=lambda m: recalibrate_bn_(m, inputs, scope), which=cfg.gptq_scope))
+    if inputs is not None and scope:
+        recalibrate_bn_(qmodel, inputs, scope)
     info["statistics_seconds"] = round(time.perf_counter() - t1, 4)
 
     t2 = time.perf_counter()

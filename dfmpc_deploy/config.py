@@ -75,6 +75,8 @@ class QuantConfig:
         recal: how the low-bit layers' BN statistics are re-estimated (``synthetic`` = data-free, the default).
         recal_scope: ``low`` = only BNs after low-bit convs (the paper), ``all`` = every BN, in network order.
         synth_samples / synth_steps / synth_lr: budget of the BN-statistics-matching input synthesis.
+        rounding: ``nearest`` (the paper) or ``gptq`` (error-feedback rounding on the synthetic samples, rounding.py).
+        gptq_scope: which layers error feedback re-rounds (``all`` or ``low``).
         seed: seed for everything random (synthesis, random weights).
     """
 
@@ -86,6 +88,8 @@ class QuantConfig:
     per_channel: bool = False
     recal: str = "synthetic"
     recal_scope: str = "low"
+    rounding: str = "nearest"
+    gptq_scope: str = "all"
     synth_samples: int = 64
     synth_steps: int = 200
     synth_lr: float = 0.1
@@ -100,5 +104,9 @@ class QuantConfig:
             raise UsageError(f"bad --recal '{self.recal}': choose one of {', '.join(RECAL_CHOICES)}")
         if self.recal_scope not in RECAL_SCOPES:
             raise UsageError(f"bad --recal-scope '{self.recal_scope}': choose one of {', '.join(RECAL_SCOPES)}")
+        if self.rounding not in ("nearest", "gptq"):
+            raise UsageError(f"bad --rounding '{self.rounding}': choose 'nearest' or 'gptq'")
+        if self.gptq_scope not in ("all", "low"):
+            raise UsageError(f"bad gptq_scope '{self.gptq_scope}': choose 'all' or 'low'")
         if self.synth_samples < 1 or self.synth_steps < 0:
             raise UsageError("--synth-samples must be >= 1 and --synth-steps >= 0")

@@ -127,7 +127,9 @@ def get_spec(name: str) -> ModelSpec:
     """Look up a model name; unknown names raise a one-line error with close matches."""
     if name in REGISTRY:
         return REGISTRY[name]
-    close = difflib.get_close_matches(name, REGISTRY, n=3, cutoff=0.5)
+    prefixed = [n for n in sorted(REGISTRY) if n.lower().startswith(name.lower())]
+    close = (prefixed + [n for n in difflib.get_close_matches(name, REGISTRY, n=3, cutoff=0.5)
+                         if n not in prefixed])[:4]
     hint = f"did you mean {', '.join(close)}?" if close else "run 'dfmpc-deploy models' for the list"
     raise DfmpcError(f"unknown model '{name}': {hint}")
 

@@ -1,0 +1,191 @@
+"""The `build` pipeline: load -> compensate -> pack -> export/targets -> report, into one output directory.
+
+Everything is written into a hidden sibling directory first and renamed onto ``--out`` at the end, so an
+interrupted or failed build never leaves a half-written output directory.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .config import BitsSpec, QuantConfig
+from .data import DataSpec, load_dataset
+from .errors import DfmpcError
+from .report import layer_table, write_report
+
+__all__ = ["BuildConfig", "run_build", "prepare_out_dir", "METHODS"]
+
+log = logging.getLogger("dfmpc_deploy")
+
+#: methods `build --method` accepts: name -> (description, data used, fine-tuning)
+METHODS = {
+    "dfmpc": ("DF-MPC: low/high pairs, closed-form c, data-free BN statistics", "synthetic", False),
+    "rtn": ("round-to-nearest at the same bits, no compensation, FP statistics", "none", False),
+}
+
+
+@dataclass
+class BuildConfig:
+    """Options of one build (CLI flags map 1:1)."""
+
+    model: str
+    weights: str = "pretrained"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    method: str = "dfmpc"
+    data: DataSpec | None = None
+    limit: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    targets: tuple[str, ...] = ("torch",)
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    out: Path = Path("out")
+    force: bool = False
+    unsafe_pickle: bool = False
+    pack: bool = True
+
+
+def prepare_out_dir(out: Path, force: bool) -> Path:
+    """Check ``out`` can be (re)placed and return a fresh temp directory beside it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DfmpcError(f"--out '{out}' exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise DfmpcError(f"--out '{out}' already exists and is not empty; pass --force to replace it")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise DfmpcError(f"cannot create --out '{out}': parent directory '{parent}' does not exist")
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as err:
+        raise DfmpcError(f"cannot write to '{parent}': {err.strerror or err}") from err
+
+
+def _finalize(tmp: Path, out: Path) -> None:
+    out = Path(out)
+    trash = None
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{time.time_ns()}")
+        out.rename(trash)
+    tmp.rename(out)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _method_config(cfg: BuildConfig) -> QuantConfig:
+    if cfg.method == "rtn":
+        return replace(cfg.quant, compensation=False, recal="none", rounding="nearest")
+    return cfg.quant
+
+
+def run_build(cfg: BuildConfig, progress=None) -> dict:
+    """Run the whole pipeline; returns the report dict (also written to ``cfg.out/report.json``)."""
+    from .compensate import compensate
+    from .evaluate import accuracy
+    from .models import load_model
+
+    tmp = prepare_out_dir(cfg.out, cfg.force)
+    try:
+        rep = _run(cfg, tmp, progress, compensate, accuracy, load_model)
+        write_report(tmp, rep)
+        _finalize(tmp, cfg.out)
+        return {"format_version": 1, **rep}
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _task(progress, label):
+    return progress.task(label) if progress is not None else None
+
+
+def _run(cfg, tmp, progress, compensate, accuracy, load_model) -> dict:
+    timings = {}
+    t = time.perf_counter()
+    lm = load_model(cfg.model, cfg.weights, seed=cfg.quant.seed, unsafe_pickle=cfg.unsafe_pickle)
+    spec = lm.spec
+    timings["load"] = round(time.perf_counter() - t, 3)
+    input_shape = (3, spec.input_size, spec.input_size)
+    mean, std = cfg.mean or spec.mean, cfg.std or spec.std
+
+    data = None
+    if cfg.data is not None:
+        t = time.perf_counter()
+        data = load_dataset(cfg.data, spec.input_size, spec.resize, mean, std, cfg.limit,
+                            progress=_task(progress, "load data"))
+        timings["load_data"] = round(time.perf_counter() - t, 3)
+
+    qcfg = _method_config(cfg)
+    real = None
+    if qcfg.recal == "real":
+        if data is None:
+            raise DfmpcError("--recal real (a labelled real-data reference) needs --data")
+        real = data.images[torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))[:200]]
+
+    t = time.perf_counter()
+    mp = compensate(lm.module, qcfg, input_shape, arch=cfg.model, real_inputs=real,
+                    progress=_task(progress, "synthesise inputs"))
+    timings["compensate"] = round(time.perf_counter() - t, 3)
+    log.info("compensated %s in %.2f s (%s)", cfg.model, timings["compensate"], mp.estimator)
+
+    rep: dict = {"model": cfg.model, "weights": lm.weights if lm.weights in ("random", "pretrained") else str(lm.weights),
+                 "bits": str(qcfg.bits), "method": cfg.method, "estimator": mp.estimator,
+                 "config": {k: v for k, v in vars(qcfg).items() if k != "bits"},
+                 "input_shape": list(input_shape), "preprocessing": {"mean": list(mean), "std": list(std),
+                                                                      "resize": spec.resize}}
+    notes = []
+    if lm.weights == "random":
+        notes.append("Built with seeded RANDOM weights: sizes, latency and export are real, accuracy is not.")
+
+    if data is not None:
+        t = time.perf_counter()
+        acc = {"dataset": data.name, "n": len(data.labels)}
+        acc["fp32"] = accuracy(lm.module, data, progress=_task(progress, "eval fp32"))
+        if cfg.method == "rtn":
+            acc["quantized_uncompensated"] = accuracy(mp.module, data, progress=_task(progress, "eval rtn"))
+        else:
+            rtn = compensate(lm.module, replace(qcfg, compensation=False, recal="none", rounding="nearest"),
+                             input_shape, arch=cfg.model)
+            acc["quantized_uncompensated"] = accuracy(rtn.module, data, progress=_task(progress, "eval uncompensated"))
+            acc[cfg.method] = accuracy(mp.module, data, progress=_task(progress, f"eval {cfg.method}"))
+        timings["evaluate"] = round(time.perf_counter() - t, 3)
+        rep["accuracy"] = acc
+
+    n_params = sum(p.numel() for p in lm.module.parameters())
+    n_buffers = sum(b.numel() for n, b in lm.module.named_buffers() if not n.endswith("num_batches_tracked"))
+    sizes = {"fp32": 4 * (n_params + n_buffers)}
+    if cfg.pack:
+        t = time.perf_counter()
+        from .pack import save_packed
+        pack_info = save_packed(mp, tmp / "model.dfmpc")
+        sizes.update(pack_info.get("size_bytes", {"packed": (tmp / "model.dfmpc").stat().st_size}))
+        rep["packed_file"] = "model.dfmpc"
+        rep["packing"] = {k: v for k, v in pack_info.items() if k != "size_bytes"}
+        timings["pack"] = round(time.perf_counter() - t, 3)
+    rep["size_bytes"] = sizes
+
+    wanted = [x for x in cfg.targets if x != "torch"]
+    if wanted:
+        t = time.perf_counter()
+        from .targets import run_targets
+        frag = run_targets(mp, lm.module, input_shape, wanted, tmp, dataset=data, batch_sizes=cfg.batch_sizes,
+                           progress=progress)
+        rep["size_bytes"].update(frag.get("size_bytes", {}))
+        if frag.get("accuracy") and "accuracy" in rep:
+            rep["accuracy"].update(frag["accuracy"])
+        for k in ("latency_ms", "parity", "engine"):
+            if k in frag:
+                rep[k] = frag[k]
+        notes += frag.get("notes", [])
+        timings["targets"] = round(time.perf_counter() - t, 3)
+
+    rep["timings_s"] = {**timings, **{k: v for k, v in mp.info.items() if k.endswith("seconds")}}
+    rep["diagnostics"] = {k: v for k, v in mp.info.items() if not k.endswith("seconds")}
+    rep["layers"] = layer_table(mp)
+    rep["notes"] = notes
+    return rep
