@@ -134,7 +134,8 @@ def calibration_inputs(fp_model: nn.Module, cfg: QuantConfig, input_shape: tuple
 
 
 def compensate(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, int], arch: str | None = None,
-               real_inputs: torch.Tensor | None = None, progress: Callable | None = None) -> MixedPrecisionModel:
+               real_inputs: torch.Tensor | None = None, progress: Callable | None = None,
+               synthetic: torch.Tensor | None = None) -> MixedPrecisionModel:
     """Quantize ``model`` to mixed precision and apply DF-MPC compensation, without data (by default).
 
     Args:
@@ -144,6 +145,8 @@ def compensate(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, 
         arch: name recorded in the result.
         real_inputs: only for the labelled real-data reference (``cfg.recal == "real"``).
         progress: optional callable(step, steps, loss) during synthesis.
+        synthetic: inputs already synthesised with :func:`calib_free.synthesize_inputs` for this model and config
+            (lets several variants share one synthesis); ignored unless ``cfg.recal == "synthetic"``.
 
     Returns:
         MixedPrecisionModel whose ``module`` computes with the compensated dequantised weights.
@@ -166,7 +169,10 @@ def compensate(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, 
     bn_all = [n for n, m in qmodel.named_modules() if isinstance(m, nn.BatchNorm2d)]
     bn_low = [p.bn for p in pairs if p.bn is not None]
     scope = bn_all if cfg.recal_scope == "all" else bn_low
-    inputs, estimator, stat_info = calibration_inputs(model, cfg, input_shape, real_inputs, progress)
+    if synthetic is not None and cfg.recal == "synthetic":
+        inputs, estimator, stat_info = synthetic, f"synthetic BN-statistics matching ({len(synthetic)} samples; no data)", {}
+    else:
+        inputs, estimator, stat_info = calibration_inputs(model, cfg, input_shape, real_inputs, progress)
     info.update(stat_info)
     if cfg.rounding == "gptq":
         if inputs is None:

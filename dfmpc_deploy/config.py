@@ -88,11 +88,11 @@ class QuantConfig:
     per_channel: bool = False
     recal: str = "synthetic"
     recal_scope: str = "low"
-    rounding: str = "nearest"
-    gptq_scope: str = "all"
-    synth_samples: int = 64
-    synth_steps: int = 200
-    synth_lr: float = 0.1
+    rounding: str = "gptq"
+    gptq_scope: str = "low"
+    synth_samples: int = 32
+    synth_steps: int = 100
+    synth_lr: float = 0.25
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -11,9 +11,9 @@ high-bit (D9).
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -25,8 +25,9 @@ __all__ = ["Link", "LayerRole", "find_links", "find_pairs", "plan_roles"]
 _HOMOGENEOUS = (nn.ReLU, nn.Identity, nn.LeakyReLU)  # act(c*z) = c*act(z) for c >= 0
 _ACTS = _HOMOGENEOUS + (nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_HOMOGENEOUS_FN = {F.relu, operator.__getitem__}
-_FN_ACTS = {F.relu: "relu", F.relu6: "relu6", F.silu: "silu", F.hardswish: "hardswish", F.gelu: "gelu"}
+_FN_ACTS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6", F.silu: "silu",
+            F.hardswish: "hardswish", F.gelu: "gelu", torch.sigmoid: "sigmoid"}
+_METHOD_ACTS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid"}
 _FN_POOLS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 
 
@@ -88,7 +89,12 @@ def find_links(model: nn.Module) -> list[Link]:
             act, homog = type(m).__name__.lower(), isinstance(m, _HOMOGENEOUS)
             n = _sole_user(n)
         elif n is not None and n.op == "call_function" and n.target in _FN_ACTS:
-            act, homog = _FN_ACTS[n.target], n.target is F.relu
+            act = _FN_ACTS[n.target]
+            homog = act == "relu"
+            n = _sole_user(n)
+        elif n is not None and n.op == "call_method" and n.target in _METHOD_ACTS:
+            act = _METHOD_ACTS[n.target]
+            homog = act == "relu"
             n = _sole_user(n)
         while n is not None and ((n.op == "call_module" and isinstance(mods[n.target], _POOLS))
                                  or (n.op == "call_function" and n.target in _FN_POOLS)):

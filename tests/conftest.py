@@ -1,0 +1,65 @@
+"""Shared fixtures: a seeded tiny CNN with non-trivial BN statistics, and paths to ../shared/data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+R20_WEIGHTS = SHARED_DATA / "weights" / "akamaster_cifar10" / "resnet20-12fca82f.th"
+R56_WEIGHTS = SHARED_DATA / "weights" / "akamaster_cifar10" / "resnet56-4bfd9763.th"
+CIFAR_TEST = SHARED_DATA / "cifar10-test-jpg" / "test"
+
+needs_shared = pytest.mark.skipif(not R20_WEIGHTS.is_file(), reason="../shared/data (real weights/test set) not present")
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-ReLU x3 -> GAP -> Linear on 3x16x16 inputs (one DF-MPC pair plus a stem)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def example_inputs(n: int = 64, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def make_tiny_net(seed: int = 0) -> nn.Module:
+    """Seeded TinyNet whose BN running statistics are the population statistics of Gaussian inputs."""
+    torch.manual_seed(seed)
+    net = TinyNet()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                # log-normal per-output-channel scale spread, as in real nets
+                m.weight.mul_(torch.exp(0.5 * torch.randn(m.out_channels, 1, 1, 1)))
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.5)
+        net.train()
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+        net(torch.randn(512, 3, 16, 16, generator=torch.Generator().manual_seed(123)))
+    return net.eval()
+
+
+@pytest.fixture
+def tiny_net() -> nn.Module:
+    return make_tiny_net()
