@@ -25,7 +25,8 @@ class QuantLayer:
         scale: (out,) float32 per-output-channel scale; dequantised weight = codes * scale.
         in_scale: (in,) float32 compensation folded into the input channels (DF-MPC Eq. 7 / D6-ii), used when the
             activation between the pair is not positively homogeneous (ReLU6); None otherwise.
-        c: (out,) compensation vector solved for a ``low`` layer (for the report; already folded elsewhere).
+        c: (out,) closed-form compensation solved for a ``low`` layer (Eq. 27); folded into BN or ``in_scale`` only
+            when ``config.compensation`` is set, else reported only.
         partner: the other layer of the pair.
     """
 

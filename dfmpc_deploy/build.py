@@ -163,9 +163,11 @@ def _run(cfg, tmp, progress, compensate, accuracy, load_model) -> dict:
         t = time.perf_counter()
         from .pack import save_packed
         pack_info = save_packed(mp, tmp / "model.dfmpc")
-        sizes.update(pack_info.get("size_bytes", {"packed": (tmp / "model.dfmpc").stat().st_size}))
+        byte_keys = ("fp32", "packed", "low_bit_codes", "high_bit_codes", "scales", "float_tensors", "metadata",
+                     "theoretical", "theoretical_min")
+        sizes.update({k: pack_info[k] for k in byte_keys if k in pack_info})
         rep["packed_file"] = "model.dfmpc"
-        rep["packing"] = {k: v for k, v in pack_info.items() if k != "size_bytes"}
+        rep["packing"] = {k: v for k, v in pack_info.items() if k not in byte_keys}
         timings["pack"] = round(time.perf_counter() - t, 3)
     rep["size_bytes"] = sizes
 

@@ -60,8 +60,9 @@ def _add_build(sub) -> None:
     p.add_argument("--method", default="dfmpc", choices=["dfmpc", "rtn"], help="quantization method (default dfmpc)")
     p.add_argument("--lambda1", type=float, default=0.5, help="Eq. 22 weight of the BN bias term (default 0.5)")
     p.add_argument("--lambda2", type=float, default=0.0, help="Eq. 22 ridge on c (default 0)")
-    p.add_argument("--c-mode", default=QuantConfig.c_mode, choices=["paper", "norm", "off"],
-                   help="closed-form c: 'paper' (Eq. 27), 'norm' (no LS shrinkage) or 'off' (default %(default)s)")
+    p.add_argument("--c-mode", default="off", choices=["paper", "norm", "off"],
+                   help="fold the closed-form c: 'paper' (Eq. 27), 'norm' (without least-squares shrinkage) or "
+                        "'off' (default: c = 1; measured best once the BN statistics are re-estimated, see README)")
     p.add_argument("--recal", default="synthetic", choices=["synthetic", "none", "real"],
                    help="BN statistics of the low-bit layers: 'synthetic' (data-free, default), 'none', or "
                         "'real' (labelled reference using 200 images of --data)")

@@ -193,12 +193,11 @@ def compensate(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, 
         bias = fp_mods[p.low].bias.detach() if fp_mods[p.low].bias is not None else None
         g, b, mu, sd = _affine(fp_stats.get(p.bn), w.shape[0], bias)
         _, _, mu_h, sd_h = _affine(q_stats.get(p.bn), w.shape[0], bias)
-        if cfg.compensation:
-            c = closed_form_c(w, low.weight(), g, b, mu, sd, mu_h, sd_h, cfg.lambda1, cfg.lambda2, cfg.c_mode)
-        else:
-            c = torch.ones(w.shape[0], dtype=torch.float64)
+        # c is always solved (the report shows it); it is folded only when cfg.compensation is set.
+        c = closed_form_c(w, low.weight(), g, b, mu, sd, mu_h, sd_h, cfg.lambda1, cfg.lambda2, cfg.c_mode)
         low.c = c.float()
-        _fold_c_(p, c, layers, q_mods)
+        if cfg.compensation:
+            _fold_c_(p, c, layers, q_mods)
     info["compensate_seconds"] = round(time.perf_counter() - t2, 4)
     info["total_seconds"] = round(time.perf_counter() - t0, 4)
     return MixedPrecisionModel(qmodel, layers, arch or type(model).__name__, cfg, estimator, info)

@@ -157,8 +157,9 @@ def load_state_dict_file(path: str | os.PathLike, unsafe_pickle: bool = False) -
         try:
             sd = torch.load(str(p), map_location="cpu", weights_only=not unsafe_pickle)
         except Exception as err:  # pickle/zip errors come in many types
-            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-            if "weights_only" in str(err) or "Unsupported global" in str(err):
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and "weights_only" not in ln]
+            msg = (lines[-1][:200] if lines else "") or f"not a torch checkpoint ({type(err).__name__})"
+            if "Unsupported global" in str(err):
                 raise DfmpcError(f"'{p}' holds more than tensors and is not loaded by default for safety; "
                                  f"if you trust it, re-run with --unsafe-pickle") from err
             raise DfmpcError(f"cannot read weights '{p}': {msg}") from err

@@ -18,6 +18,7 @@ def layer_table(mp) -> list[dict[str, Any]]:
         row = {"layer": q.fqn, "kind": q.kind, "role": q.role, "bits": q.bits, "format": q.fmt.value,
                "shape": list(q.codes.shape), "params": q.numel, "partner": q.partner}
         if q.c is not None:
+            row["c_folded"] = bool(mp.config.compensation)
             row["c_min"] = round(float(q.c.min()), 4)
             row["c_mean"] = round(float(q.c.mean()), 4)
             row["c_max"] = round(float(q.c.max()), 4)

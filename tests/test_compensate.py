@@ -70,7 +70,7 @@ def test_compensation_lowers_feature_reconstruction_error(seed):
     net = make_tiny_net(seed)
     x = example_inputs(128, seed=seed + 10)
     rtn = compensate(net, QuantConfig(compensation=False, recal="none", rounding="nearest"), (3, 16, 16))
-    paper = compensate(net, QuantConfig(recal="none", rounding="nearest"), (3, 16, 16))
+    paper = compensate(net, QuantConfig(compensation=True, recal="none", rounding="nearest"), (3, 16, 16))
     full = compensate(net, QuantConfig(synth_steps=30), (3, 16, 16))
     e_rtn, e_paper, e_full = (_feature_error(net, m.module, x) for m in (rtn, paper, full))
     assert e_paper < e_rtn, f"paper c {e_paper:.3f} should beat RTN {e_rtn:.3f}"
@@ -78,7 +78,7 @@ def test_compensation_lowers_feature_reconstruction_error(seed):
 
 
 def test_fold_into_bn_equals_fold_into_next_layer_input_channels(tiny_net):
-    cfg = QuantConfig(recal="none", rounding="nearest")
+    cfg = QuantConfig(compensation=True, recal="none", rounding="nearest")
     mp = compensate(tiny_net, cfg, (3, 16, 16))
     c = mp.layers["conv1"].c
     assert c is not None and not torch.allclose(c, torch.ones_like(c))

@@ -15,9 +15,10 @@ onnx = pytest.importorskip("onnx")
 SHAPE = (3, 16, 16)
 
 
-def quick_cfg(bits=(2, 6)) -> QuantConfig:
-    extra = {"rounding": "nearest"} if "rounding" in {f.name for f in dataclasses.fields(QuantConfig)} else {}
-    return QuantConfig(bits=BitsSpec(*bits), recal="none", **extra)
+def quick_cfg(bits=(2, 6), **kw) -> QuantConfig:
+    if "rounding" in {f.name for f in dataclasses.fields(QuantConfig)}:
+        kw.setdefault("rounding", "nearest")
+    return QuantConfig(bits=BitsSpec(*bits), recal="none", **kw)
 
 
 def _relu6_net(negative_gamma: bool = False) -> nn.Module:
@@ -38,7 +39,7 @@ def _relu6_net(negative_gamma: bool = False) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def tiny_exports(tmp_path_factory):
-    mp = compensate(make_tiny_net(), quick_cfg(), SHAPE)
+    mp = compensate(make_tiny_net(), quick_cfg(compensation=True), SHAPE)
     out = tmp_path_factory.mktemp("onnx")
     return mp, export_variants(mp, out, SHAPE, VARIANTS, opset=21, int4=True), out
 
@@ -103,7 +104,8 @@ def test_onnx_runtime_matches_pytorch(tiny_exports):
     with torch.no_grad():
         ref = mp.module(x).numpy()
     for v in ("w8a8", "w8a8_ort"):
-        y = ort.InferenceSession(str(res[v].path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        sess = ort.InferenceSession(str(res[v].path), providers=["CPUExecutionProvider"])
+        y = sess.run(None, {"input": x.numpy()})[0]
         sqnr = 10 * np.log10((ref ** 2).sum() / ((y - ref) ** 2).sum())
         assert sqnr >= 20, f"{v}: SQNR {sqnr:.1f} dB too low"
 
@@ -112,7 +114,7 @@ def test_in_scale_mul_negative_bn_gamma_and_requantised_8bit(tmp_path):
     pytest.importorskip("onnxruntime")
     from dfmpc_deploy.ort import parity
 
-    mp = compensate(_relu6_net(negative_gamma=True), quick_cfg((2, 8)), SHAPE)
+    mp = compensate(_relu6_net(negative_gamma=True), quick_cfg((2, 8), compensation=True), SHAPE)
     assert any(q.in_scale is not None for q in mp.layers.values())
     res = export_variants(mp, tmp_path, SHAPE, ("fp32", "wdq", "w8a8"))
     m = onnx.load(res["wdq"].path)

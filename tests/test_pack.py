@@ -40,7 +40,7 @@ def _one_torch_thread():
 def quick_config(low: int = 2, high: int = 6) -> QuantConfig:
     """No BN re-estimation and round-to-nearest: fast, and packing does not depend on how codes were chosen."""
     extra = {"rounding": "nearest"} if "rounding" in {f.name for f in dataclasses.fields(QuantConfig)} else {}
-    return QuantConfig(bits=BitsSpec(low, high), recal="none", **extra)
+    return QuantConfig(bits=BitsSpec(low, high), recal="none", compensation=True, **extra)
 
 
 def variant_net(variant: str = "relu") -> nn.Module:

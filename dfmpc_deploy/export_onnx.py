@@ -1,0 +1,549 @@
+"""Export a :class:`~dfmpc_deploy.artifacts.MixedPrecisionModel` to ONNX, in five variants.
+
+The model is traced once with the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``, which works offline),
+input ``input`` (N, C, H, W) float32 and output ``output``, batch dimension symbolic (``batch``). Before tracing, every
+BatchNorm2d that directly follows a Conv2d is folded into it (``W' = W gamma/sigma``, ``b' = beta + (b - mu)
+gamma/sigma``); since that is a per-output-channel factor, a folded quantized weight is still ``codes * scale'`` with
+integer codes. Variants:
+
+``fp32``
+    The dequantised model as FP32 initializers.
+``fp16``
+    ``fp32`` with every float tensor in FP16; graph input and output stay FP32 (a Cast at each end).
+``wdq``
+    Each quantized Conv/Gemm weight is an INT8 initializer (the integer codes, sign-flipped per channel where the
+    folded scale is negative) followed by ``DequantizeLinear`` with a per-output-channel FP32 scale, zero-point 0,
+    ``axis=0`` (symmetric, the form TensorRT accepts). ``int4=True`` stores layers whose codes fit [-8, 7] (ternary,
+    3-bit) as INT4 (opset >= 21; wdq only, see :func:`export_onnx`). 8-bit DoReFa codes (odd integers up to +-255)
+    do not fit INT8: those layers are requantised to symmetric per-channel INT8 and a note says so. A compensation ``in_scale`` (DF-MPC Eq. 7, only
+    after non-homogeneous activations such as ReLU6) is a ``Mul`` by a (1, C, 1, 1) constant on the activation in front
+    of the layer, so the weight stays integer.
+``w8a8``
+    ``wdq`` plus a ``QuantizeLinear -> DequantizeLinear`` pair (per-tensor symmetric INT8, zero-point 0) on the input
+    of every quantized Conv/Gemm (after the ``in_scale`` Mul), with data-free ranges from
+    :func:`calib_free.ranges.estimate_act_ranges` (BN statistics only, k = 3.92 for 8 bits). This is the TensorRT form.
+``w8a8_ort``
+    The ONNX Runtime form of the same quantization: layer inputs *and* outputs (after the ReLU when there is one) get
+    asymmetric UINT8 Q/DQ (a post-ReLU tensor uses all 256 levels with zero-point 0) and biases are INT32 with scale
+    ``s_x * s_w``. ORT's CPU provider fuses exactly this pattern into QLinearConv / QLinearAdd; for ``w8a8`` it keeps
+    DequantizeLinear + float Conv, which is *slower* than FP32. TensorRT rejects INT32/UINT8 DQ, so this file is for
+    ORT only. The extra output quantization makes it slightly less accurate than ``w8a8``.
+
+Tolerances (checked by the tests and by :func:`dfmpc_deploy.ort.parity`): ``fp32``/``wdq`` match PyTorch to ~1e-4
+relative to the logit range (float re-association only; exact codes), ``fp16`` to ~1e-2, ``w8a8`` is a different
+(activation-quantized) model and is judged by top-1.
+
+Every file passes ``onnx.checker.check_model(full_check=True)`` and is written atomically.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ._deps import require
+from ._io import atomic_write_bytes
+from .artifacts import MixedPrecisionModel
+from .errors import DfmpcError
+
+__all__ = ["VARIANTS", "OnnxExport", "export_onnx", "export_variants", "onnx_from_mp", "base_onnx_from_mp",
+           "variant_from_base"]
+
+log = logging.getLogger("dfmpc_deploy")
+
+VARIANTS = ("fp32", "fp16", "wdq", "w8a8", "w8a8_ort")
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+DEFAULT_OPSET = 17
+_TORCH_MAX_OPSET = 20  # the TorchScript exporter's highest opset; 21 only adds INT4/UINT4 types to the ops we use
+
+
+@dataclass
+class OnnxExport:
+    """One written ONNX file.
+
+    Attributes:
+        path: the file.
+        variant: one of :data:`VARIANTS`.
+        size_bytes: file size.
+        notes: what the export had to approximate or decide (requantised 8-bit layers, missing ranges, ...).
+    """
+
+    path: Path
+    variant: str
+    size_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Base:
+    """The traced FP32 model and what the quantized variants need to rewrite it."""
+
+    model: object  # onnx.ModelProto
+    weights: dict  # fqn -> (initializer name, axis, int8 codes, (out,) f32 scale, (in,) f32 in_scale or None)
+    mp: MixedPrecisionModel
+    notes: list[str]
+
+
+def _fold_bn(mp: MixedPrecisionModel) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Copy of ``mp.module`` with BN folded into the preceding convs; returns it and the folded per-channel factor."""
+    try:
+        gm = fx.symbolic_trace(copy.deepcopy(mp.module).eval())
+    except Exception as err:  # fx raises TraceError, TypeError, ... for data-dependent control flow
+        raise DfmpcError(f"cannot trace {mp.arch} with torch.fx for the ONNX export: {err}") from err
+    mods = dict(gm.named_modules())
+    factor: dict[str, torch.Tensor] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(mods[node.target], nn.BatchNorm2d):
+            continue
+        prev = node.args[0]
+        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1
+                and isinstance(mods[prev.target], nn.Conv2d)):
+            continue
+        conv, bn = mods[prev.target], mods[node.target]
+        gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(bn.num_features).double()
+        beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(bn.num_features).double()
+        a = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
+        b0 = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(a)
+        with torch.no_grad():
+            conv.weight.copy_((conv.weight.double() * a.reshape(-1, 1, 1, 1)).float())
+            conv.bias = nn.Parameter((beta + (b0 - bn.running_mean.double()) * a).float())
+        factor[prev.target] = a
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, factor
+
+
+def _int_weights(mp: MixedPrecisionModel, folded: nn.Module, factor: dict[str, torch.Tensor],
+                 notes: list[str]) -> dict[str, tuple]:
+    """Integer weights (codes with |scale|) per layer, and the exact float weights written into ``folded``."""
+    mods = dict(mp.module.named_modules())
+    fmods = dict(folded.named_modules())
+    out = {}
+    for fqn, q in mp.layers.items():
+        w_mod = mods[fqn].weight.detach().float()
+        if not torch.allclose(w_mod, q.weight(), rtol=1e-5, atol=1e-7):
+            raise DfmpcError(f"layer '{fqn}': module weight differs from codes*scale; the MixedPrecisionModel is "
+                             f"inconsistent (was mp.module modified after compensate?)")
+        s = q.scale.double() * factor.get(fqn, torch.ones_like(q.scale, dtype=torch.float64))
+        per_out = (-1, *([1] * (q.codes.dim() - 1)))
+        codes = q.codes.to(torch.int32) * torch.where(s < 0, -1, 1).reshape(per_out)  # TRT: scale > 0
+        s = s.abs().float()
+        in_scale = q.in_scale.float() if q.in_scale is not None else None
+        w = codes.float() * s.reshape(per_out)  # the exact dequantised (BN-folded) weight, for fp32/fp16
+        if int(codes.abs().max()) > 127:
+            s = w.flatten(1).abs().amax(1) / 127
+            codes = torch.round(w / torch.where(s > 0, s, 1).reshape(per_out)).to(torch.int32)
+            err = float((codes * s.reshape(per_out) - w).abs().max() / w.abs().max().clamp(min=1e-30))
+            notes.append(f"layer '{fqn}': {q.bits}-bit codes (odd integers up to +-{2 ** q.bits - 1}) do not fit INT8; "
+                         f"requantised to symmetric per-channel INT8 for the integer variants "
+                         f"(max change {100 * err:.2f}% of the largest weight)")
+        s = torch.where((s > 0) & (codes.flatten(1).abs().amax(1) > 0), s, torch.ones_like(s))
+        if in_scale is not None:
+            w = w * in_scale.reshape(1, -1, *([1] * (w.dim() - 2)))
+        with torch.no_grad():
+            fmods[fqn].weight.copy_(w)
+        out[fqn] = (codes.to(torch.int8).numpy(), s.numpy(), None if in_scale is None else in_scale.numpy())
+    return out
+
+
+def base_onnx_from_mp(mp: MixedPrecisionModel, input_shape: tuple[int, int, int], opset: int = DEFAULT_OPSET) -> _Base:
+    """Trace ``mp`` once into an FP32 ONNX model (BN folded); the variants are derived from it.
+
+    Args:
+        mp: the compensated model.
+        input_shape: (C, H, W) of one input.
+        opset: ONNX opset (13..23; the trace uses min(opset, 20) and the import is raised after).
+    """
+    onnx = require("onnx", "onnx")
+    if not 13 <= opset <= 23:
+        raise DfmpcError(f"opset {opset} not supported: per-channel DequantizeLinear needs >= 13 (INT4 >= 21); use 17")
+    notes: list[str] = []
+    folded, factor = _fold_bn(mp)
+    ints = _int_weights(mp, folded, factor, notes)
+    x = torch.zeros((2, *input_shape))
+    buf = io.BytesIO()
+    # torch >= 2.5 has the dynamo exporter (the default from 2.9); the TorchScript one works offline and keeps names
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+        torch.onnx.export(folded, (x,), buf, **legacy, opset_version=min(opset, _TORCH_MAX_OPSET),
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          training=torch.onnx.TrainingMode.EVAL)
+    model = onnx.load_from_string(buf.getvalue())
+    _drop_initializer_identities(model)
+    if opset > _TORCH_MAX_OPSET:
+        for imp in model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                imp.version = opset
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = {}
+    fmods = dict(folded.named_modules())
+    for fqn, (q, s, ins) in ints.items():
+        name, axis = f"{fqn}.weight", 0
+        if name not in inits:
+            name, axis = _find_initializer(onnx, inits, fmods[fqn].weight.detach().numpy(), fqn)
+        weights[fqn] = (name, axis, q, s, ins)
+    return _Base(model, weights, mp, notes)
+
+
+def _drop_initializer_identities(model) -> None:
+    """The exporter de-duplicates equal initializers (e.g. all-zero folded biases) behind Identity nodes; read the
+    initializer directly instead, so every Conv/Gemm sees a plain initializer (ORT's QDQ fusion needs that)."""
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    outs = {o.name for o in g.output}
+    alias = {n.output[0]: n.input[0] for n in g.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outs}
+    nodes = [n for n in g.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for n in nodes:
+        n.input[:] = [alias.get(x, x) for x in n.input]
+    del g.node[:]
+    g.node.extend(nodes)
+
+
+def _find_initializer(onnx, inits: dict, w: np.ndarray, fqn: str) -> tuple[str, int]:
+    """The exporter renamed a weight (or transposed it for MatMul): find it by value."""
+    for name, t in inits.items():
+        a = onnx.numpy_helper.to_array(t)
+        if a.shape == w.shape and np.array_equal(a, w):
+            return name, 0
+        if w.ndim == 2 and a.shape == w.T.shape and np.array_equal(a, w.T):
+            return name, 1
+    raise DfmpcError(f"layer '{fqn}': its weight was not found among the exported ONNX initializers")
+
+
+def _ranges(mp: MixedPrecisionModel, input_range, notes: list[str]) -> tuple[dict, dict]:
+    """Data-free (input ranges, output ranges) of every quantized layer (calib_free.ranges)."""
+    from calib_free.ranges import estimate_act_ranges, estimate_output_ranges, input_range_from_normalization
+
+    if input_range is None:
+        from .models import REGISTRY
+
+        spec = REGISTRY.get(mp.arch)
+        if spec is not None:
+            input_range = input_range_from_normalization(spec.mean, spec.std)
+        else:
+            notes.append(f"w8a8: input normalisation of '{mp.arch}' unknown; input range assumed N(0, 1) +- k")
+    try:
+        return (estimate_act_ranges(mp.module, input_range=input_range),
+                estimate_output_ranges(mp.module, input_range=input_range))
+    except ValueError as err:
+        raise DfmpcError(f"w8a8: {err}") from err
+
+
+def variant_from_base(base: _Base, variant: str, int4: bool = False, ranges: tuple[dict, dict] | None = None,
+                      input_range=None) -> tuple[object, list[str]]:
+    """Derive one variant (see module docstring) from :func:`base_onnx_from_mp`'s model.
+
+    Args:
+        base: the traced model.
+        variant: one of :data:`VARIANTS`.
+        int4: INT4 storage for layers whose codes fit [-8, 7] (needs opset >= 21; applied to ``wdq`` only).
+        ranges: ``(input ranges, output ranges)``, ``{fqn: ActRange}`` each, for w8a8 / w8a8_ort; default: estimated.
+        input_range: normalised input ``(lo, hi)`` for the estimate (default: from the registry for ``mp.arch``).
+
+    Returns:
+        (onnx.ModelProto, notes). The model has passed ``onnx.checker.check_model(full_check=True)``.
+    """
+    onnx = require("onnx", "onnx")
+    if variant not in VARIANTS:
+        raise DfmpcError(f"unknown ONNX variant '{variant}': choose one of {', '.join(VARIANTS)}")
+    opset = next(i.version for i in base.model.opset_import if i.domain in ("", "ai.onnx"))
+    if int4 and opset < 21:
+        raise DfmpcError(f"INT4 weights need opset >= 21 (got {opset}); pass opset=21")
+    model = copy.deepcopy(base.model)
+    notes = list(base.notes) if variant not in ("fp32", "fp16") else []
+    if variant == "fp16":
+        _to_fp16(onnx, model)
+    elif variant != "fp32":
+        if variant.startswith("w8a8") and ranges is None:
+            ranges = _ranges(base.mp, input_range, notes)
+        if int4 and variant != "wdq":
+            notes.append(f"{variant}: INT8 weights everywhere (int4 applies to wdq only: TensorRT-RTX 1.7.1 rejects "
+                         f"INT4 weights with INT8 activations, Myelin CHECK(dtype == W.type()))")
+        _Rewriter(onnx, model, notes).quantize(base, variant, int4 and variant == "wdq", ranges)
+    model.producer_name = "dfmpc-deploy"
+    meta = {"dfmpc.variant": variant, "dfmpc.arch": base.mp.arch, "dfmpc.notes": json.dumps(notes)}
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as err:  # a bug in the rewrite, but say which variant
+        raise DfmpcError(f"the exported '{variant}' ONNX model fails onnx.checker: {err}") from err
+    return model, notes
+
+
+class _Rewriter:
+    """Inserts weight DequantizeLinear, in_scale Mul and activation Q/DQ nodes into a traced graph.
+
+    A quantized activation tensor ``t`` gets ``Q -> DQ`` right after its producer. ``w8a8`` quantizes layer inputs,
+    symmetric INT8, and only the quantized layers read the DQ output (a residual shortcut keeps the float tensor, so
+    clipping is not carried down the residual stream; TensorRT runs those adds in the network's float type).
+    ``w8a8_ort`` also quantizes layer outputs (after the fused ReLU where there is one), asymmetric UINT8, every
+    consumer reads the DQ output, and biases are INT32 with scale ``s_x * s_w`` - the pattern ONNX Runtime fuses into
+    QLinearConv / QLinearAdd.
+    """
+
+    def __init__(self, onnx, model, notes: list[str]):
+        self.onnx, self.h, self.nph, self.TP = onnx, onnx.helper, onnx.numpy_helper, onnx.TensorProto
+        self.g, self.notes = model.graph, notes
+        self.head: list = []
+        self.after: dict[int, list] = {}  # nodes to insert after original node index
+        self.before: dict[int, list] = {}
+        self.inits: list = []
+        self.qparams: dict[str, tuple[str, float, int]] = {}  # tensor -> (dq output, scale, zero point)
+        self.q_names: set[str] = set()
+        self.only: dict[str, set[int]] = {}  # tensor -> the node indices that read its DQ (absent: every consumer)
+        self.producer = {o: i for i, n in enumerate(self.g.node) for o in n.output}
+        self.graph_outputs = {o.name for o in self.g.output}
+
+    def consumers(self, name: str) -> list[int]:
+        return [i for i, n in enumerate(self.g.node) if name in n.input]
+
+    def quantize(self, base: _Base, variant: str, int4: bool, ranges) -> None:
+        ort_style = variant == "w8a8_ort"
+        in_r, out_r = ranges if ranges is not None else ({}, {})
+        uses, missing = [], []
+        for fqn, (name, axis, q, s, ins) in base.weights.items():
+            cons = self.consumers(name)
+            if not cons:
+                raise DfmpcError(f"layer '{fqn}': initializer '{name}' has no consumer in the exported graph")
+            self.weight_dq(fqn, name, axis, q, s, int4 and int(np.abs(q).max()) <= 7 and int(q.min()) >= -8)
+            uses += [(idx, fqn, s, ins) for idx in cons]
+        for idx, fqn, s_w, ins in sorted(uses, key=lambda u: u[0]):  # graph order
+            node = self.g.node[idx]
+            x = node.input[0]
+            if ins is not None:
+                shape = (1, len(ins), 1, 1) if node.op_type == "Conv" else (1, len(ins))
+                self.inits.append(self.nph.from_array(ins.reshape(shape).astype(np.float32), f"{fqn}.in_scale"))
+                self.before.setdefault(idx, []).append(
+                    self.h.make_node("Mul", [x, f"{fqn}.in_scale"], [f"{fqn}.input_scaled"], name=f"{fqn}/in_scale"))
+                x = node.input[0] = f"{fqn}.input_scaled"
+            if not variant.startswith("w8a8"):
+                continue
+            if fqn not in in_r:
+                missing.append(fqn)
+                continue
+            lo, hi = _bounds(in_r[fqn], ins)
+            self.act_qdq(x, lo, hi, ort_style, place=("before", idx) if ins is not None else None)
+            if not ort_style:
+                self.only.setdefault(x, set()).add(idx)
+            if ort_style:
+                self.bias_q(idx, fqn, s_w)
+                self.output_qdq(idx, fqn, out_r.get(fqn))
+        if missing:
+            self.notes.append(f"{variant}: no data-free range for {len(missing)} layer input(s) ("
+                              f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); they stay float")
+        self.finish()
+
+    def weight_dq(self, fqn: str, name: str, axis: int, q: np.ndarray, s: np.ndarray, use4: bool) -> None:
+        dt = self.TP.INT4 if use4 else self.TP.INT8
+        qi = self.h.make_tensor(f"{fqn}.weight_q", dt, q.shape, q.flatten().tolist() if use4 else q.tobytes(),
+                                raw=not use4)
+        self.inits += [qi, self.nph.from_array(s.astype(np.float32), f"{fqn}.weight_scale"),
+                       self.h.make_tensor(f"{fqn}.weight_zp", dt, (len(s),), [0] * len(s))]
+        self.head.append(self.h.make_node("DequantizeLinear", [qi.name, f"{fqn}.weight_scale", f"{fqn}.weight_zp"],
+                                          [name], name=f"{fqn}/weight_dq", axis=axis))
+        self.g.initializer.remove(next(i for i in self.g.initializer if i.name == name))
+
+    def act_qdq(self, t: str, lo: float, hi: float, asym: bool, place=None) -> None:
+        """Q/DQ on tensor ``t`` (once): symmetric INT8, or asymmetric UINT8 covering [min(lo, 0), max(hi, 0)]."""
+        if t in self.qparams or t in self.graph_outputs:
+            return
+        if asym:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            scale = max(hi - lo, 1e-8) / 255
+            zp, dt = int(np.clip(round(-lo / scale), 0, 255)), self.TP.UINT8
+        else:
+            scale, zp, dt = max(abs(lo), abs(hi), 1e-8) / 127, 0, self.TP.INT8
+        base = t.strip("/").replace("/", "_")
+        self.inits += [self.nph.from_array(np.array(scale, np.float32), f"{base}_qscale"),
+                       self.h.make_tensor(f"{base}_qzp", dt, (), [zp])]
+        args = [f"{base}_qscale", f"{base}_qzp"]
+        qn = self.h.make_node("QuantizeLinear", [t, *args], [f"{base}_q"], name=f"{base}/act_q")
+        dq = self.h.make_node("DequantizeLinear", [f"{base}_q", *args], [f"{base}_dq"], name=f"{base}/act_dq")
+        self.q_names.add(qn.name)
+        if place is not None:
+            self.before.setdefault(place[1], []).extend([qn, dq])
+        elif t in self.producer:
+            self.after.setdefault(self.producer[t], []).extend([qn, dq])
+        else:  # a graph input
+            self.head.extend([qn, dq])
+        self.qparams[t] = (f"{base}_dq", scale, zp)
+
+    def bias_q(self, idx: int, fqn: str, s_w: np.ndarray) -> None:
+        """INT32 bias with scale s_x * s_w (ORT's QLinearConv needs every input to come from a DQ)."""
+        node = self.g.node[idx]
+        if len(node.input) < 3 or not node.input[2] or node.input[0] not in self.qparams:
+            return
+        init = next((i for i in self.g.initializer if i.name == node.input[2]), None)
+        if init is None:
+            return
+        s_b = (self.qparams[node.input[0]][1] * s_w.astype(np.float64))
+        b = self.nph.to_array(init).astype(np.float64)
+        qb = np.clip(np.round(b / s_b), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+        self.inits += [self.nph.from_array(qb, f"{fqn}.bias_q"),
+                       self.nph.from_array(s_b.astype(np.float32), f"{fqn}.bias_scale"),
+                       self.nph.from_array(np.zeros(len(qb), np.int32), f"{fqn}.bias_zp")]
+        self.head.append(self.h.make_node("DequantizeLinear", [f"{fqn}.bias_q", f"{fqn}.bias_scale", f"{fqn}.bias_zp"],
+                                          [f"{fqn}.bias_dq"], name=f"{fqn}/bias_dq", axis=0))
+        node.input[2] = f"{fqn}.bias_dq"
+
+    def output_qdq(self, idx: int, fqn: str, r) -> None:
+        """Q/DQ on a layer's output: after its ReLU/Clip when the range includes the activation."""
+        if r is None:
+            return
+        y = self.g.node[idx].output[0]
+        cons = self.consumers(y)
+        with_act = r.source.endswith("+act")
+        if with_act and len(cons) == 1 and self.g.node[cons[0]].op_type in ("Relu", "Clip"):
+            y = self.g.node[cons[0]].output[0]
+        elif with_act or not cons:
+            return
+        lo, hi = _bounds(r, None)
+        self.act_qdq(y, lo, hi, True)
+
+    def finish(self) -> None:
+        """Rewire consumers of quantized tensors to the DQ outputs, order the nodes, drop unused initializers."""
+        nodes = list(self.g.node)
+        out = list(self.head)
+
+        def rewire(n, i: int | None) -> None:
+            n.input[:] = [self.qparams[x][0] if x in self.qparams and (x not in self.only or i in self.only[x])
+                          else x for x in n.input]
+
+        for i, n in enumerate(nodes):
+            for m in self.before.get(i, []) + self.after.get(i, []):
+                if m.name not in self.q_names:
+                    rewire(m, None)
+            rewire(n, i)
+            out += self.before.get(i, []) + [n] + self.after.get(i, [])
+        del self.g.node[:]
+        self.g.node.extend(out)
+        used = {x for n in out for x in n.input}
+        kept = [i for i in list(self.g.initializer) + self.inits if i.name in used]
+        del self.g.initializer[:]
+        self.g.initializer.extend(kept)
+
+
+def _bounds(r, ins: np.ndarray | None) -> tuple[float, float]:
+    """Per-tensor (lo, hi) of a layer input, after the in_scale Mul when there is one (in_scale > 0)."""
+    lo, hi = r.lo.numpy(), r.hi.numpy()
+    if ins is not None:
+        f = np.abs(ins.astype(np.float64)) if ins.shape == lo.shape else float(np.abs(ins).max())
+        lo, hi = lo * f, hi * f
+    return float(lo.min()), float(hi.max())
+
+
+def _to_fp16(onnx, model) -> None:
+    """Every float32 tensor to float16; a Cast at the graph input and output keeps the I/O in FP32."""
+    h, nph, TP = onnx.helper, onnx.numpy_helper, onnx.TensorProto
+    g = model.graph
+    for i, t in enumerate(g.initializer):
+        if t.data_type == TP.FLOAT:
+            g.initializer[i].CopyFrom(nph.from_array(nph.to_array(t).astype(np.float16), t.name))
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TP.FLOAT:
+                a.t.CopyFrom(nph.from_array(nph.to_array(a.t).astype(np.float16), a.t.name))
+            if n.op_type == "Cast" and a.name == "to" and a.i == TP.FLOAT:
+                a.i = TP.FLOAT16
+    del g.value_info[:]
+    for n in g.node:
+        n.input[:] = [f"{INPUT_NAME}_fp16" if x == INPUT_NAME else x for x in n.input]
+        n.output[:] = [f"{OUTPUT_NAME}_fp16" if x == OUTPUT_NAME else x for x in n.output]
+    cast_in = h.make_node("Cast", [INPUT_NAME], [f"{INPUT_NAME}_fp16"], name="input_to_fp16", to=TP.FLOAT16)
+    cast_out = h.make_node("Cast", [f"{OUTPUT_NAME}_fp16"], [OUTPUT_NAME], name="output_to_fp32", to=TP.FLOAT)
+    nodes = [cast_in, *g.node, cast_out]
+    del g.node[:]
+    g.node.extend(nodes)
+
+
+def onnx_from_mp(mp: MixedPrecisionModel, input_shape: tuple[int, int, int], variant: str,
+                 opset: int = DEFAULT_OPSET, int4: bool = False, ranges: tuple[dict, dict] | None = None,
+                 input_range=None) -> tuple[object, list[str]]:
+    """In-memory export of one variant: ``(onnx.ModelProto, notes)``. Arguments as in :func:`export_onnx`."""
+    return variant_from_base(base_onnx_from_mp(mp, input_shape, opset), variant, int4, ranges, input_range)
+
+
+def export_onnx(mp: MixedPrecisionModel, path, input_shape: tuple[int, int, int], variant: str = "wdq",
+                opset: int = DEFAULT_OPSET, int4: bool = False, ranges: tuple[dict, dict] | None = None,
+                input_range=None) -> Path:
+    """Write one ONNX variant of ``mp`` atomically.
+
+    Args:
+        mp: the compensated model (from :func:`dfmpc_deploy.compensate`).
+        path: output ``.onnx`` file.
+        input_shape: (C, H, W); the batch dimension is symbolic.
+        variant: ``fp32`` | ``fp16`` | ``wdq`` | ``w8a8`` | ``w8a8_ort`` (module docstring).
+        opset: ONNX opset, 13..23 (default 17, read by ONNX Runtime and TensorRT(-RTX)); 21+ for ``int4``.
+        int4: in ``wdq``, store layers whose codes fit [-8, 7] (ternary, 3-bit) as INT4 (the w8a8 forms keep INT8:
+            TensorRT wants the weight and activation of a conv in the same integer type).
+        ranges: ``(input ranges, output ranges)``, each ``{fqn: calib_free.ranges.ActRange}``, for the w8a8
+            variants; default: estimated from the BN statistics (:mod:`calib_free.ranges`).
+        input_range: ``(lo, hi)`` of the normalised input for that estimate; default: from the model registry's
+            normalisation of ``mp.arch`` (N(0, 1) for unknown models, with a note).
+
+    Returns:
+        The path written.
+
+    Raises:
+        DfmpcError: unknown variant, bad opset, untraceable model, or an export that fails onnx.checker.
+        MissingDependencyError: onnx is not installed.
+
+    Example::
+
+        >>> mp = compensate(net, QuantConfig(recal="none"), (3, 16, 16))
+        >>> export_onnx(mp, tmp_path / "m.onnx", (3, 16, 16), "w8a8")
+        PosixPath('.../m.onnx')
+    """
+    path = Path(path)
+    return export_variants(mp, path.parent, input_shape, [variant], opset, int4, ranges, input_range,
+                           names={variant: path.name})[variant].path
+
+
+def export_variants(mp: MixedPrecisionModel, out_dir, input_shape: tuple[int, int, int],
+                    variants=VARIANTS, opset: int = DEFAULT_OPSET, int4: bool = False,
+                    ranges: tuple[dict, dict] | None = None, input_range=None,
+                    names: dict[str, str] | None = None) -> dict[str, OnnxExport]:
+    """Trace once and write several variants as ``out_dir/model_<variant>.onnx`` (or ``names[variant]``).
+
+    Arguments as in :func:`export_onnx`.
+
+    Returns:
+        ``{variant: OnnxExport}`` in the order of ``variants``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log.info("export_onnx: tracing %s (opset %d) for %s", mp.arch, opset, ", ".join(variants))
+    base = base_onnx_from_mp(mp, input_shape, opset)
+    range_notes: list[str] = []
+    if any(v.startswith("w8a8") for v in variants) and ranges is None:
+        ranges = _ranges(mp, input_range, range_notes)
+    res = {}
+    for v in variants:
+        model, notes = variant_from_base(base, v, int4, ranges, input_range)
+        if v.startswith("w8a8"):
+            notes = range_notes + notes
+        p = out_dir / (names or {}).get(v, f"model_{v}.onnx")
+        atomic_write_bytes(p, model.SerializeToString())
+        res[v] = OnnxExport(p, v, p.stat().st_size, notes)
+        log.info("export_onnx: wrote %s (%d bytes)", p, res[v].size_bytes)
+    log.info("export_onnx: finished in %.2f s", time.perf_counter() - t0)
+    return res
