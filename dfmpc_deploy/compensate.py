@@ -178,7 +178,8 @@ def compensate(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, 
         if inputs is None:
             raise UsageError("--rounding gptq needs calibration inputs: use --recal synthetic (default) or real")
         info.update(error_feedback_round_(qmodel, model, layers, inputs,
-                                          recal=lambda m: recalibrate_bn_(m, inputs, scope), which=cfg.gptq_scope))
+                                          recal=lambda m: recalibrate_bn_(m, inputs, scope), which=cfg.gptq_scope,
+                                          grid_search=cfg.grid_search))
     if inputs is not None and scope:
         recalibrate_bn_(qmodel, inputs, scope)
     info["statistics_seconds"] = round(time.perf_counter() - t1, 4)

@@ -80,6 +80,8 @@ class QuantConfig:
         synth_samples / synth_steps / synth_lr: budget of the BN-statistics-matching input synthesis.
         rounding: ``nearest`` (the paper) or ``gptq`` (error-feedback rounding on the synthetic samples, rounding.py).
         gptq_scope: which layers error feedback re-rounds (``all`` or ``low``).
+        grid_search: with ``gptq``, pick each low-bit layer's grid step among 0.7..1.4 x the TWN/DoReFa scale by
+            the least scale-invariant output error on the synthetic inputs (rounding.best_grid_codes).
         seed: seed for everything random (synthesis, random weights).
     """
 
@@ -93,6 +95,7 @@ class QuantConfig:
     recal_scope: str = "low"
     rounding: str = "gptq"
     gptq_scope: str = "low"
+    grid_search: bool = True
     synth_samples: int = 32
     synth_steps: int = 100
     synth_lr: float = 0.25

@@ -72,6 +72,34 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: int,
     return out
 
 
+def _direction_error(codes: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
+    """Sum over output channels of 1 - cos^2 between (q x) and (w x) in the H metric: the part of the error that a
+    per-channel rescale (the BN that follows) cannot remove."""
+    q = codes * scale.double()[:, None]
+    w = w.double()
+    qh, wh = q @ h, w @ h
+    qq, ww, qw = (qh * q).sum(1), (wh * w).sum(1), (qh * w).sum(1)
+    cos2 = qw ** 2 / (qq * ww).clamp_min(1e-30)
+    return float((1 - cos2).sum())
+
+
+def best_grid_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: int,
+                    multipliers: tuple[float, ...] = (0.7, 0.85, 1.0, 1.2, 1.4)) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gptq_codes` on several grid steps ``m * scale``; keeps the one with the least direction error.
+
+    Returns:
+        (codes, scale) of the best grid.
+    """
+    best = None
+    for m in multipliers:
+        sc = scale * m
+        codes = gptq_codes(w, h, sc, bits)
+        err = _direction_error(codes, sc, w.flatten(1), h)
+        if best is None or err < best[0]:
+            best = (err, codes, sc)
+    return best[1], best[2].float()
+
+
 def input_second_moment(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """E[p p^T] over the im2col patches ``p`` that ``module`` (Conv2d with groups=1, or Linear) sees in ``x``."""
     if isinstance(module, nn.Conv2d):
@@ -89,7 +117,8 @@ def _supported(m: nn.Module) -> bool:
 
 @torch.no_grad()
 def error_feedback_round_(qmodel: nn.Module, fp_model: nn.Module, layers: dict[str, QuantLayer],
-                          inputs: torch.Tensor, recal=None, which: str = "all", max_k: int = 4608) -> dict:
+                          inputs: torch.Tensor, recal=None, which: str = "all", max_k: int = 4608,
+                          grid_search: bool = False) -> dict:
     """In place: re-choose the codes of ``layers`` in network order with :func:`gptq_codes`.
 
     Each layer's H is measured in ``qmodel`` as quantized so far (earlier layers already re-rounded, and
@@ -124,7 +153,10 @@ def error_feedback_round_(qmodel: nn.Module, fp_model: nn.Module, layers: dict[s
             hook.remove()
         h = input_second_moment(m, seen[0])
         w = fp_mods[q.fqn].weight.detach().flatten(1)
-        codes = gptq_codes(w, h, q.scale, q.bits)
+        if grid_search and q.role == "low":
+            codes, q.scale = best_grid_codes(w, h, q.scale, q.bits)
+        else:
+            codes = gptq_codes(w, h, q.scale, q.bits)
         q.codes = codes.reshape(q.codes.shape).to(q.codes.dtype)
         m.weight.copy_(q.weight())
         done += 1

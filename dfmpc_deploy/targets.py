@@ -145,6 +145,7 @@ def run_targets(mp: MixedPrecisionModel, fp_model: nn.Module | None, input_shape
     out_dir.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
+    log.info("run_targets: %s for %s into %s", ", ".join(targets), mp.arch, out_dir)
     rep: dict = {"targets": targets, "artifacts": {}, "size_bytes": {}, "latency_ms": {}, "speedup": {},
                  "threads": {}, "accuracy": {}, "parity": {}, "engine": "not requested", "notes": []}
     notes = rep["notes"]
