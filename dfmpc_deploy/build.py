@@ -100,6 +100,17 @@ def run_build(cfg: BuildConfig, progress=None) -> dict:
         raise
 
 
+def _relative_paths(obj, tmp: Path):
+    """Artifact paths in the report are relative to --out (they were written into the temp directory)."""
+    if isinstance(obj, dict):
+        return {k: _relative_paths(v, tmp) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relative_paths(v, tmp) for v in obj]
+    if isinstance(obj, (str, Path)) and str(obj).startswith(str(tmp)):
+        return str(Path(obj).relative_to(tmp))
+    return obj
+
+
 def _task(progress, label):
     return progress.task(label) if progress is not None else None
 
@@ -176,11 +187,12 @@ def _run(cfg, tmp, progress, compensate, accuracy, load_model) -> dict:
         t = time.perf_counter()
         from .targets import run_targets
         frag = run_targets(mp, lm.module, input_shape, wanted, tmp, dataset=data, batch_sizes=cfg.batch_sizes,
-                           progress=progress)
+                           progress=progress.say if progress is not None else None)
+        frag = _relative_paths(frag, tmp)
         rep["size_bytes"].update(frag.get("size_bytes", {}))
         if frag.get("accuracy") and "accuracy" in rep:
             rep["accuracy"].update(frag["accuracy"])
-        for k in ("latency_ms", "parity", "engine"):
+        for k in ("latency_ms", "speedup", "threads", "parity", "engine", "artifacts"):
             if k in frag:
                 rep[k] = frag[k]
         notes += frag.get("notes", [])

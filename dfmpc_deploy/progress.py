@@ -23,6 +23,12 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
 
+    def say(self, message: str) -> None:
+        """One status line (replaces the current one)."""
+        if self.enabled:
+            self.stream.write(f"\r{message:<70}")
+            self.stream.flush()
+
     def task(self, label: str):
         """A callable ``(done, total, *extra)`` that redraws one status line at most 10 times a second."""
         def update(done: int, total: int, *extra) -> None:
