@@ -36,16 +36,24 @@ MODELS = {"resnet20": ("resnet20_cifar10_optA", "resnet20-12fca82f.th"),
 # name -> (QuantConfig overrides, description)
 VARIANTS = {
     "rtn": (dict(compensation=False, recal="none", rounding="nearest"), "round-to-nearest, FP BN statistics"),
-    "paper-c, FP stats": (dict(compensation=True, recal="none", rounding="nearest"), "closed-form c (Eq. 27), no re-estimation (D3-a)"),
+    "paper-c, FP stats": (dict(compensation=True, recal="none", rounding="nearest"),
+                          "closed-form c (Eq. 27), no re-estimation (D3-a)"),
     "synthetic recal": (dict(compensation=False, rounding="nearest"), "BN stats of low-bit layers from synthetic inputs"),
-    "synthetic recal + paper-c": (dict(compensation=True, rounding="nearest"), "paper's c solved with the re-estimated statistics"),
-    "synthetic recal + norm-c": (dict(compensation=True, c_mode="norm", rounding="nearest"), "c without least-squares shrinkage"),
-    "synthetic recal + gptq": (dict(compensation=False, rounding="gptq"), "error-feedback codes, synthetic H"),
-    "synthetic recal + gptq + paper-c": (dict(compensation=True, rounding="gptq"), "everything, paper c"),
-    "synthetic recal + gptq(all layers)": (dict(compensation=False, rounding="gptq", gptq_scope="all"),
-                                            "error feedback on every layer"),
+    "synthetic recal + paper-c": (dict(compensation=True, rounding="nearest"),
+                                  "paper's c solved with the re-estimated statistics"),
+    "synthetic recal + norm-c": (dict(compensation=True, c_mode="norm", rounding="nearest"),
+                                 "c without least-squares shrinkage"),
+    "synthetic recal + gptq (no grid search)": (dict(compensation=False, rounding="gptq", grid_search=False),
+                                                "error-feedback codes on the TWN/DoReFa grid, synthetic H"),
+    "synthetic recal + gptq (no grid search) + paper-c": (dict(compensation=True, rounding="gptq", grid_search=False),
+                                                          "as above, paper c folded"),
+    "synthetic recal + gptq (no grid search, all layers)": (
+        dict(compensation=False, rounding="gptq", gptq_scope="all", grid_search=False), "error feedback on every layer"),
+    "synthetic recal + gptq + grid search": (dict(compensation=False, rounding="gptq", grid_search=True),
+                                             "the default: grid step chosen per low-bit layer"),
     "real recal [reference]": (dict(compensation=False, recal="real", rounding="nearest"), "200 REAL images (not data-free)"),
-    "real recal + gptq [reference]": (dict(compensation=False, recal="real", rounding="gptq"), "200 REAL images"),
+    "real recal + gptq [reference]": (dict(compensation=False, recal="real", rounding="gptq", grid_search=False),
+                                      "200 REAL images"),
 }
 
 
