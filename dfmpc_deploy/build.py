@@ -48,6 +48,7 @@ class BuildConfig:
     force: bool = False
     unsafe_pickle: bool = False
     pack: bool = True
+    compress: bool = False
 
 
 def prepare_out_dir(out: Path, force: bool) -> Path:
@@ -173,7 +174,7 @@ def _run(cfg, tmp, progress, compensate, accuracy, load_model) -> dict:
     if cfg.pack:
         t = time.perf_counter()
         from .pack import save_packed
-        pack_info = save_packed(mp, tmp / "model.dfmpc")
+        pack_info = save_packed(mp, tmp / "model.dfmpc", compress=cfg.compress)
         byte_keys = ("fp32", "packed", "low_bit_codes", "high_bit_codes", "scales", "float_tensors", "metadata",
                      "theoretical", "theoretical_min")
         sizes.update({k: pack_info[k] for k in byte_keys if k in pack_info})

@@ -82,6 +82,8 @@ def _add_build(sub) -> None:
                    help="artifacts to produce/time (default torch: fake-quant model only)")
     p.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 8, 32])
     p.add_argument("--no-pack", action="store_true", help="skip writing model.dfmpc")
+    p.add_argument("--compress", action="store_true",
+                   help="Huffman-code the integer codes in model.dfmpc (trained weights: ~0.8x the dense file)")
     p.add_argument("--out", required=True, type=Path, help="output directory (refused if it exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     p.add_argument("--unsafe-pickle", action="store_true",
@@ -106,7 +108,7 @@ def _cmd_build(args) -> int:
     cfg = BuildConfig(model=args.model, weights=args.weights, quant=qcfg, method=args.method, data=data,
                       limit=args.limit, mean=args.mean, std=args.std, targets=tuple(args.target),
                       batch_sizes=tuple(args.batch_sizes), out=args.out, force=args.force,
-                      unsafe_pickle=args.unsafe_pickle, pack=not args.no_pack)
+                      unsafe_pickle=args.unsafe_pickle, pack=not args.no_pack, compress=args.compress)
     with Progress(enabled=None if not args.quiet else False) as prog:
         rep = run_build(cfg, progress=prog)
     if args.json:

@@ -44,6 +44,12 @@ padded with zeros (a reader rejects non-zero padding).
   bits ``i*k .. i*k+k-1`` of the little-endian bit stream (stream bit s is bit ``s % 8`` of byte ``s // 8``), least
   significant bit first; 8 values take k bytes, e.g. 6-bit: 4 values -> 3 bytes. ``m = [1, 2, 3, 63]``, k = 6:
   ``b0 = m0 | (m1 & 3) << 6 = 0x81``, ``b1 = m1 >> 2 | (m2 & 15) << 4 = 0x30``, ``b2 = m2 >> 4 | m3 << 2 = 0xFC``.
+* ``kbit-deflate`` / ``ternary-base3-deflate`` (opt-in, ``save_packed(..., compress=True)``): the codes as one byte
+  per code (kbit: m as above; ternary: the ``ternary-base3`` bytes) compressed as a raw deflate stream (zlib
+  wbits -15, level 9, memLevel 9, Huffman only: near the codes' order-0 entropy, ~4.6-4.8 bits for 6-bit codes of
+  bell-shaped weights, and fast). The layer records ``"nbytes"`` (the compressed length, which must be smaller than
+  the dense layout's, else the layer is written dense). The reader inflates at most n + 1 bytes and requires exactly
+  n, the end of the stream, nothing after it and in-range values; it rejects any claim beyond deflate's 1032:1 ratio.
 
 The reader never trusts a size it has not checked: the header length is capped, every tensor's byte span must equal
 shape x element size and lie inside the file, element counts are capped at MAX_ELEMENTS, and a layer's code bytes
@@ -60,6 +66,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -96,6 +103,12 @@ class CodeLayout(str, Enum):
     TERNARY_BASE3 = "ternary-base3"
     TERNARY_2BIT = "ternary-2bit"
     KBIT = "kbit"
+    TERNARY_DEFLATE = "ternary-base3-deflate"
+    KBIT_DEFLATE = "kbit-deflate"
+
+
+COMPRESSED_LAYOUTS = (CodeLayout.TERNARY_DEFLATE, CodeLayout.KBIT_DEFLATE)
+DEFLATE_MAX_RATIO = 1032  # deflate cannot expand more than this (258-byte matches in ~2 bits); caps what we inflate
 
 
 # ---------------------------------------------------------------------------------------------- layouts (pure numpy)
@@ -251,27 +264,68 @@ def unpack_kbit(data, k: int, n: int) -> np.ndarray:
     return out.reshape(-1)[:n]
 
 
+def _deflate(data: bytes) -> bytes:
+    """Raw deflate, Huffman only (no string matching): fixed parameters, so the same bytes -> the same output."""
+    z = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
+    return z.compress(data) + z.flush()
+
+
+def _inflate(data, n: int, what: str) -> np.ndarray:
+    """Inverse of :func:`_deflate`, bounded: never produces more than n + 1 bytes whatever the payload says.
+
+    Raises:
+        ValueError: not a raw deflate stream, or one that does not decode to exactly n bytes with nothing after it.
+    """
+    if not _is_int(n) or not 1 <= n <= MAX_ELEMENTS:
+        raise ValueError(f"{what}: element count {n!r} must be an int in [1, {MAX_ELEMENTS}]")
+    d = zlib.decompressobj(-15)
+    try:
+        out = d.decompress(bytes(data), n + 1)  # max_length >= 1 (0 would mean unlimited)
+    except zlib.error as err:
+        raise ValueError(f"{what}: the compressed codes are corrupt ({err})") from None
+    if len(out) != n or not d.eof or d.unused_data or d.unconsumed_tail:
+        raise ValueError(f"{what}: the compressed codes do not decode to exactly {n} bytes "
+                         f"({'more' if len(out) > n else 'truncated' if not d.eof else 'trailing data'})")
+    return np.frombuffer(out, np.uint8)
+
+
 def _nbytes(layout: str, bits: int, n: int) -> int:
     if layout == CodeLayout.TERNARY_BASE3:
         return -(-n // 5)
     return -(-n // 4) if layout == CodeLayout.TERNARY_2BIT else (n * bits + 7) // 8
 
 
-def _encode(q: QuantLayer, ternary_layout: CodeLayout) -> tuple[CodeLayout, np.ndarray]:
+def _encode(q: QuantLayer, ternary_layout: CodeLayout, compress: bool = False) -> tuple[CodeLayout, np.ndarray]:
     if q.bits == 2:
         pack = pack_ternary_base3 if ternary_layout == CodeLayout.TERNARY_BASE3 else pack_ternary2
-        return ternary_layout, pack(q.codes)
-    c = _ints(q.codes).astype(np.int32)
-    top = (1 << q.bits) - 1
-    if c.size and (np.abs(c).max() > top or not ((c + top) % 2 == 0).all()):
-        raise DfmpcError(f"layer '{q.fqn}': {q.bits}-bit codes must be odd integers in [-{top}, {top}]")
-    return CodeLayout.KBIT, pack_kbit((c + top) // 2, q.bits)
+        layout, dense = ternary_layout, pack(q.codes)
+        packed = dense if ternary_layout == CodeLayout.TERNARY_BASE3 else pack_ternary_base3(q.codes)
+        comp = CodeLayout.TERNARY_DEFLATE
+    else:
+        c = _ints(q.codes).astype(np.int32)
+        top = (1 << q.bits) - 1
+        if c.size and (np.abs(c).max() > top or not ((c + top) % 2 == 0).all()):
+            raise DfmpcError(f"layer '{q.fqn}': {q.bits}-bit codes must be odd integers in [-{top}, {top}]")
+        m = ((c + top) // 2).astype(np.uint8)
+        layout, dense, packed, comp = CodeLayout.KBIT, pack_kbit(m, q.bits), m, CodeLayout.KBIT_DEFLATE
+    if compress and dense.size:
+        z = _deflate(packed.tobytes())
+        if len(z) < dense.size:  # otherwise this layer stays dense
+            return comp, np.frombuffer(z, np.uint8)
+    return layout, dense
 
 
 def _decode(layout: str, bits: int, data, shape: tuple[int, ...]) -> torch.Tensor:
     n = math.prod(shape)
     if layout == CodeLayout.TERNARY_BASE3:
         c = unpack_ternary_base3(data, n)
+    elif layout == CodeLayout.TERNARY_DEFLATE:
+        c = unpack_ternary_base3(_inflate(data, -(-n // 5), layout), n)
+    elif layout == CodeLayout.KBIT_DEFLATE:
+        m = _inflate(data, n, layout)
+        if m.max() >> bits:
+            raise ValueError(f"{layout}: value {int(m.max())} does not fit in {bits} bits")
+        c = m.astype(np.int16) * 2 - ((1 << bits) - 1)
     elif layout == CodeLayout.TERNARY_2BIT:
         c = unpack_ternary2(data, n)
     else:
@@ -343,7 +397,7 @@ class _Packed:
         return torch.frombuffer(bytearray(self.raw(name)), dtype=_DTYPES[e.dtype]).reshape(e.shape)
 
 
-def _file_bytes(mp: MixedPrecisionModel, ternary_layout: CodeLayout) -> bytes:
+def _file_bytes(mp: MixedPrecisionModel, ternary_layout: CodeLayout, compress: bool = False) -> bytes:
     sd = mp.module.state_dict()
     tensors: list[tuple[str, str, tuple, bytes]] = []  # (name, dtype, shape, bytes), module order
     layers, qkeys = [], set()
@@ -358,13 +412,15 @@ def _file_bytes(mp: MixedPrecisionModel, ternary_layout: CodeLayout) -> bytes:
                 q.codes.dim() < 2 or tuple(q.in_scale.shape) != (q.codes.shape[1],))):
             raise DfmpcError(f"layer '{fqn}': scale must be (out,) and in_scale (in,) for weight {list(q.codes.shape)}")
         qkeys.add(key)
-        layout, payload = _encode(q, ternary_layout)
+        layout, payload = _encode(q, ternary_layout, compress)
         tensors.append((f"codes/{fqn}", "U8", (payload.size,), payload.tobytes()))
         tensors.append((f"scale/{fqn}", "F32", (q.codes.shape[0],), _raw(q.scale.float())))
         if q.in_scale is not None:
             tensors.append((f"in_scale/{fqn}", "F32", tuple(q.in_scale.shape), _raw(q.in_scale.float())))
         layers.append({"fqn": fqn, "kind": q.kind, "role": q.role, "bits": q.bits, "layout": layout.value,
                        "shape": list(q.codes.shape), "partner": q.partner, "in_scale": q.in_scale is not None})
+        if layout in COMPRESSED_LAYOUTS:
+            layers[-1]["nbytes"] = int(payload.size)
     floats = [k for k in sd if k not in qkeys]
     for k in floats:
         if sd[k].dtype not in _DTYPE_NAMES:
@@ -474,15 +530,24 @@ def _check_meta(meta, entries: dict[str, _Entry], source: str) -> None:
               or isinstance(L.get("partner"), str)) and isinstance(L.get("in_scale"), bool),
               f"{source}: layer '{fqn}': bad kind/role/partner/in_scale")
         _need(_is_int(bits) and 2 <= bits <= 8, f"{source}: layer '{fqn}': bits {bits!r} not in 2..8")
-        ok = (CodeLayout.TERNARY_BASE3, CodeLayout.TERNARY_2BIT) if bits == 2 else (CodeLayout.KBIT,)
+        ok = ((CodeLayout.TERNARY_BASE3, CodeLayout.TERNARY_2BIT, CodeLayout.TERNARY_DEFLATE) if bits == 2
+              else (CodeLayout.KBIT, CodeLayout.KBIT_DEFLATE))
         _need(layout in [x.value for x in ok],
               f"{source}: layer '{fqn}': layout {layout!r} cannot hold {bits}-bit codes")
         _need(isinstance(shape, list) and 1 <= len(shape) <= MAX_DIMS and all(_is_int(s) and s >= 1 for s in shape),
               f"{source}: layer '{fqn}': bad shape {shape!r}")
         numel = math.prod(shape)
         _need(numel <= MAX_ELEMENTS, f"{source}: layer '{fqn}': {numel} weights exceed the cap {MAX_ELEMENTS}")
-        nb = _nbytes(layout, bits, numel)
-        expect(f"codes/{fqn}", "U8", (nb,), f"{numel} {bits}-bit codes in layout {layout} take {nb} bytes")
+        if layout in [x.value for x in COMPRESSED_LAYOUTS]:
+            nb, raw = L.get("nbytes"), (-(-numel // 5) if bits == 2 else numel)
+            dense = _nbytes(CodeLayout.TERNARY_BASE3 if bits == 2 else CodeLayout.KBIT, bits, numel)
+            _need(_is_int(nb) and 1 <= nb < dense and raw <= DEFLATE_MAX_RATIO * nb,
+                  f"{source}: layer '{fqn}': compressed size {nb!r} must be an int in [1, {dense}) (smaller than "
+                  f"the dense layout) and at least 1/{DEFLATE_MAX_RATIO} of the {raw} bytes it inflates to")
+            expect(f"codes/{fqn}", "U8", (nb,), "the layer's nbytes")
+        else:
+            nb = _nbytes(layout, bits, numel)
+            expect(f"codes/{fqn}", "U8", (nb,), f"{numel} {bits}-bit codes in layout {layout} take {nb} bytes")
         expect(f"scale/{fqn}", "F32", (shape[0],), "one float32 scale per output channel")
         if L["in_scale"]:
             _need(len(shape) >= 2, f"{source}: layer '{fqn}': in_scale on a 1-D weight")
@@ -511,13 +576,16 @@ def _read(path: str | os.PathLike) -> _Packed:
 # ---------------------------------------------------------------------------------------------------- public API
 
 def save_packed(mp: MixedPrecisionModel, path: str | os.PathLike,
-                ternary_layout: CodeLayout | str = CodeLayout.TERNARY_BASE3) -> dict:
+                ternary_layout: CodeLayout | str = CodeLayout.TERNARY_BASE3, compress: bool = False) -> dict:
     """Write ``mp`` as one packed ``.dfpk`` file, atomically (temp file + rename) and deterministically.
 
     Args:
         mp: the compensated model (its module's quantized weights must equal ``codes * scale``).
         path: destination file.
         ternary_layout: ``"ternary-base3"`` (1.6 bits/weight, default) or ``"ternary-2bit"``.
+        compress: opt-in entropy coding: each layer whose codes deflate (Huffman only) smaller than its dense layout
+            is stored as ``kbit-deflate`` / ``ternary-base3-deflate`` (module docstring); the rest stay dense.
+            Smaller files for bell-shaped weights, slower to load; False (default) writes only dense layouts.
 
     Returns:
         The size accounting of :func:`packed_size_report`.
@@ -542,7 +610,7 @@ def save_packed(mp: MixedPrecisionModel, path: str | os.PathLike,
         raise ValueError(f"ternary_layout {ternary_layout!r}: choose 'ternary-base3' or 'ternary-2bit'")
     t0 = time.perf_counter()
     log.info("Packing %s (%d layers, bits %s) -> %s", mp.arch, len(mp.layers), mp.config.bits, path)
-    data = _file_bytes(mp, layout)
+    data = _file_bytes(mp, layout, bool(compress))
     atomic_write_with(path, lambda tmp: _write_chunks(tmp, data))
     report = _size_report(_parse(data, str(path)), _fp32_bytes(mp.module))
     log.info("Finished packing in %.3f seconds: %d bytes (%.2f bits/weight, x%.1f smaller than fp32)",
@@ -701,13 +769,13 @@ def inspect_packed(path: str | os.PathLike) -> str:
     status = {name: p.checksum_ok(name) for name in p.entries}
     lines = [f"{path}: dfpk v{FORMAT_VERSION}, arch {meta['arch']}, bits {meta['bits']}, "
              f"estimator: {meta['estimator']}",
-             f"{'#':>4}  {'layer':<40} {'role':<17} {'bits':>4} {'layout':<13} {'shape':<16} {'weights':>10} "
+             f"{'#':>4}  {'layer':<40} {'role':<17} {'bits':>4} {'layout':<21} {'shape':<16} {'weights':>10} "
              f"{'bytes':>9} {'bits/w':>6}  sha256"]
     for i, L in enumerate(meta["layers"], 1):
         f = L["fqn"]
         names = [f"codes/{f}", f"scale/{f}"] + ([f"in_scale/{f}"] if L["in_scale"] else [])
         n, nb = math.prod(L["shape"]), p.entries[f"codes/{f}"].end - p.entries[f"codes/{f}"].begin
-        lines.append(f"{i:>4}  {f:<40} {L['role']:<17} {L['bits']:>4} {L['layout']:<13} "
+        lines.append(f"{i:>4}  {f:<40} {L['role']:<17} {L['bits']:>4} {L['layout']:<21} "
                      f"{'x'.join(map(str, L['shape'])):<16} {n:>10,} {nb:>9,} {8 * nb / n:>6.2f}  "
                      f"{'ok' if all(status[x] for x in names) else 'BAD'}")
     nbad = sum(not ok for ok in status.values())

@@ -64,6 +64,12 @@ def bench(name: str, repeat: int, tmp: Path) -> dict:
     save_s, report = _best(lambda: save_packed(mp, path), repeat)
     parse_s, _ = _best(lambda: _read(path), repeat)
     load_s, mp2 = _best(lambda: load_packed(path), repeat)
+    cpath = tmp / f"{name}-compressed.dfpk"  # opt-in entropy-coded layouts (random weights: little to gain)
+    csave_s, creport = _best(lambda: save_packed(mp, cpath, compress=True), repeat)
+    cp = _read(cpath)
+    cunpack_s, _ = _best(lambda: [_decode(L["layout"], L["bits"], cp.raw(f"codes/{L['fqn']}"), tuple(L["shape"]))
+                                  for L in cp.meta["layers"]], repeat)
+    cload_s, _ = _best(lambda: load_packed(cpath), repeat)
     x = torch.randn(2, 3, spec.input_size, spec.input_size)
     with torch.no_grad():
         exact = bool(torch.equal(mp.module(x), mp2.module(x)))
@@ -73,7 +79,9 @@ def bench(name: str, repeat: int, tmp: Path) -> dict:
             "unpack_mb_per_s": round(mb / unpack_s, 1),
             "unpack_to_fp32_weights_seconds": round(dequant_s, 4), "save_seconds": round(save_s, 4),
             "parse_seconds": round(parse_s, 4), "load_seconds": round(load_s, 4), "bit_exact_outputs": exact,
-            "size_bytes": report}
+            "size_bytes": report, "compressed": {"packed_bytes": creport["packed"], "save_seconds": round(csave_s, 4),
+                                                 "unpack_seconds": round(cunpack_s, 4),
+                                                 "load_seconds": round(cload_s, 4)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['save_seconds']:>7.3f} "
               f"{r['load_seconds']:>7.3f} {r['size_bytes']['packed']:>12,} {r['size_bytes']['bits_per_weight']:>7.3f} "
               f"{str(r['bit_exact_outputs']):>6}")
+    for r in rows:
+        c = r["compressed"]
+        print(f"{r['model']} compress=True: {c['packed_bytes']:,} B, unpack {c['unpack_seconds']:.3f} s, "
+              f"load {c['load_seconds']:.3f} s")
     print(f"ResNet-18 2/6: packed {s['packed']:,} B ({size18['packed_mib']} MiB); theoretical {s['theoretical']:,} B "
           f"(ternary 2 bits, {size18['vs_theoretical_pct']:+.2f}%), minimum {s['theoretical_min']:,} B (ternary "
           f"log2 3, {size18['vs_theoretical_min_pct']:+.2f}%); paper {PAPER_RESNET18_2_6_MIB} MiB "

@@ -143,7 +143,7 @@ def test_build_on_real_data_beats_uncompensated_by_far(capsys, tmp_path):
     acc = rep["accuracy"]
     assert acc["n"] == 300 and acc["fp32"]["top1"] > 75
     assert acc["quantized_uncompensated"]["top1"] < 30
-    assert acc["dfmpc"]["top1"] > 60, acc  # measured ~73 on these images; chance is 10
+    assert acc["dfmpc"]["top1"] > 70, acc  # measured 78.3 on these images with 30 steps; chance is 10
     assert "no data" in rep["estimator"]
     roles = {r["layer"]: (r["role"], r["bits"]) for r in rep["layers"]}
     assert roles["layer1.0.conv1"] == ("low", 2) and roles["layer1.0.conv2"] == ("high-compensating", 6)
@@ -159,3 +159,16 @@ def test_import_is_lean():
     code = "import sys, dfmpc_deploy; bad = [m for m in ('onnxruntime', 'tensorrt', 'tensorrt_rtx', 'pytorchcv', 'torchvision') if m in sys.modules]; print(bad)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_inspect_shows_layers_and_checksums(capsys, tmp_path):
+    out = tmp_path / "o"
+    code, _, err = _run(capsys, "build", "resnet20_cifar10_optA", "--weights", "random", "--recal", "none",
+                        "--rounding", "nearest", "--compress", "--out", str(out), "--quiet")
+    assert code == 0, err
+    code, text, err = _run(capsys, "inspect", str(out / "model.dfmpc"))
+    assert code == 0 and "layer1.0.conv1" in text and "BAD" not in text and "payloads ok" in text
+    blob = bytearray((out / "model.dfmpc").read_bytes())
+    (tmp_path / "cut.dfmpc").write_bytes(bytes(blob[: len(blob) // 2]))
+    code, _, err = _run(capsys, "inspect", str(tmp_path / "cut.dfmpc"))
+    assert code == 1 and err.startswith("error:") and "Traceback" not in err

@@ -465,14 +465,139 @@ def test_missing_or_unreadable_path(tmp_path):
         inspect_packed(tmp_path)
 
 
+# -------------------------------------------------------------------------------------- entropy-coded layouts
+
+def bell_net() -> nn.Module:
+    """variant_net("relu") widened, with Gaussian weights: its 6-bit codes compress, its small layers do not."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 64, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 5))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+    return net.eval()
+
+
+def _layouts(path) -> list[str]:
+    return [L["layout"] for L in P._read(path).meta["layers"]]
+
+
+def _bell_codes(k: int, n: int, seed: int = 0) -> np.ndarray:
+    """Odd k-bit codes (or ternary for k = 2) with a bell-shaped histogram, like real weights."""
+    rng = np.random.default_rng(seed)
+    if k == 2:
+        return np.clip(np.round(rng.normal(0, 0.6, n)), -1, 1).astype(np.int32)
+    top = (1 << k) - 1
+    m = np.clip(np.round(rng.normal(top / 2, top / 10, n)), 0, top).astype(np.int32)
+    return 2 * m - top
+
+
+def _qlayer(codes: np.ndarray, k: int) -> "P.QuantLayer":
+    c = torch.from_numpy(codes.reshape(-1, 1)).to(torch.int8 if k == 2 else torch.int16)
+    return P.QuantLayer("l", "linear", "low" if k == 2 else "high", k, c, torch.ones(c.shape[0]))
+
+
+@pytest.mark.parametrize("k", [2, 3, 6, 8])
+@pytest.mark.parametrize("n", [1, 7, 41, 1009, 5003, 40_001])
+def test_compressed_layouts_round_trip(k, n):
+    codes = _bell_codes(k, n)
+    for c in (codes, _bell_codes(k, n, seed=1) if k == 2 else
+              2 * np.random.default_rng(n).integers(0, 1 << k, n) - ((1 << k) - 1)):  # bell, then uniform
+        q = _qlayer(c, k)
+        dense_layout, dense = P._encode(q, P.CodeLayout.TERNARY_BASE3)
+        layout, payload = P._encode(q, P.CodeLayout.TERNARY_BASE3, compress=True)
+        if layout in P.COMPRESSED_LAYOUTS:
+            assert payload.size < dense.size
+        else:  # compression lost: the dense layout, byte for byte
+            assert layout == dense_layout and np.array_equal(payload, dense)
+        back = P._decode(layout, k, payload.tobytes(), (n, 1))
+        assert np.array_equal(back.numpy().reshape(-1), c)
+    if n >= 5003 and k in (3, 6, 8):  # a bell-shaped layer of this size must compress
+        assert P._encode(_qlayer(codes, k), P.CodeLayout.TERNARY_BASE3, compress=True)[0] == "kbit-deflate"
+
+
+def test_compressed_layout_falls_back_per_layer():
+    uniform = 2 * np.random.default_rng(0).integers(0, 64, 999) - 63
+    assert P._encode(_qlayer(uniform, 6), P.CodeLayout.TERNARY_BASE3, compress=True)[0] == "kbit"
+    assert P._encode(_qlayer(_bell_codes(6, 999), 6), P.CodeLayout.TERNARY_BASE3, compress=True)[0] == "kbit-deflate"
+    two = P._encode(_qlayer(_bell_codes(2, 13), 2), P.CodeLayout.TERNARY_2BIT, compress=True)
+    assert two[0] == "ternary-2bit"  # 13 trits: 4 bytes dense, deflate's block header alone is larger
+
+
+def test_inflate_is_bounded_and_strict():
+    m = np.random.default_rng(0).integers(0, 8, 1000).astype(np.uint8)
+    z = P._deflate(m.tobytes())
+    assert np.array_equal(P._inflate(z, 1000, "t"), m)
+    bomb = P._deflate(bytes(50_000_000))  # 50 MB of zeros; only n + 1 bytes are ever produced
+    for data, n in [(z[:-3], 1000), (z + b"\0", 1000), (z, 999), (z, 1001), (b"\xff" * 40, 1000), (b"", 1000),
+                    (bomb, 1000)]:
+        with pytest.raises(ValueError):
+            P._inflate(data, n, "t")
+    with pytest.raises(ValueError, match="does not fit"):
+        P._decode("kbit-deflate", 2, z, (1000,))  # values up to 7 in a 2-bit layer
+    with pytest.raises(ValueError):
+        P._decode("ternary-base3-deflate", 2, P._deflate(b"\xf3" * 200), (1000,))  # byte 243 is not 5 trits
+
+
+def test_compressed_model_round_trip_bit_exact_and_deterministic(tmp_path):
+    net = bell_net()
+    mp = compensate(net, quick_config(), (3, 16, 16), arch="tiny-bell")
+    a, b, dense = tmp_path / "a.dfpk", tmp_path / "b.dfpk", tmp_path / "d.dfpk"
+    rep = save_packed(mp, a, compress=True)
+    save_packed(mp, b, compress=True)
+    assert a.read_bytes() == b.read_bytes()
+    layouts = _layouts(a)
+    assert "kbit-deflate" in layouts and ("ternary-base3" in layouts or "kbit" in layouts), layouts  # mixed
+    assert rep["packed"] < save_packed(mp, dense)["packed"] and _layouts(dense) == ["ternary-base3", "kbit", "kbit"]
+    _assert_same_model(mp, load_packed(a, model=net), variant_inputs())
+    assert packed_size_report(mp, a)["packed"] == rep["packed"] == a.stat().st_size
+    text = inspect_packed(a)
+    assert "kbit-deflate" in text and "all" in text and "BAD" not in text
+
+
+@pytest.mark.parametrize("edit", ["nbytes", "nbytes-missing", "nbytes-huge", "layout", "payload"])
+def test_compressed_bad_files(tmp_path, edit):
+    mp = compensate(bell_net(), quick_config(), (3, 16, 16), arch="tiny-bell")
+    path = tmp_path / "m.dfpk"
+    save_packed(mp, path, compress=True)
+    header, payload = _split(path.read_bytes())
+    meta = json.loads(header["__metadata__"]["dfpk"])
+    i = next(j for j, L in enumerate(meta["layers"]) if L["layout"] == "kbit-deflate")
+    L = meta["layers"][i]
+    name = f"codes/{L['fqn']}"
+    if edit == "nbytes":
+        L["nbytes"] -= 1
+    elif edit == "nbytes-missing":
+        del L["nbytes"]
+    elif edit == "nbytes-huge":
+        L["nbytes"] = 10 ** 9
+    elif edit == "layout":
+        L["layout"] = "ternary-base3-deflate"  # a 6-bit layer
+    else:  # a valid deflate stream of the wrong length, with its checksum and size fixed up
+        b, e = header[name]["data_offsets"]
+        z = P._deflate(bytes(math.prod(L["shape"]) - 1) + b"\x40")
+        z = z[: e - b] if len(z) >= e - b else z + bytes(e - b - len(z))
+        payload = payload[:b] + z + payload[e:]
+        meta["sha256"][name] = hashlib.sha256(z).hexdigest()
+    header["__metadata__"]["dfpk"] = P._canonical(meta)
+    path.write_bytes(_join(header, payload))
+    with pytest.raises(BadFileError):
+        load_packed(path, model=bell_net())
+
+
 # --------------------------------------------------------------------------------------------------------- fuzzing
 
-@pytest.fixture(scope="module")
-def fuzz_case(tmp_path_factory):
-    net = variant_net("relu6")
+@pytest.fixture(scope="module", params=["dense", "compressed"])
+def fuzz_case(request, tmp_path_factory):
+    compressed = request.param == "compressed"
+    net = bell_net() if compressed else variant_net("relu6")
     mp = compensate(net, quick_config(), (3, 16, 16), arch="tiny")
     path = tmp_path_factory.mktemp("fuzz") / "m.dfpk"
-    save_packed(mp, path)
+    save_packed(mp, path, compress=compressed)
+    if compressed:
+        assert set(_layouts(path)) & {"kbit-deflate", "ternary-base3-deflate"}
     x = variant_inputs(2)
     return _FuzzCase(path.read_bytes(), path, net, x, _forward(mp.module, x))
 
@@ -486,7 +611,7 @@ class _FuzzCase:
     expected: torch.Tensor
 
     def __repr__(self) -> str:  # keeps hypothesis' falsifying-example report short
-        return f"<tiny relu6 net, {len(self.base)}-byte file>"
+        return f"<tiny net, {len(self.base)}-byte file>"
 
 
 def _leaves(obj, prefix=()):
@@ -551,7 +676,7 @@ def _mutate(draw, base: bytes) -> bytes:
     return _join(header, base[8 + n:], sign=draw(st.booleans()))
 
 
-@settings(max_examples=1000, deadline=None, database=None,
+@settings(max_examples=500, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_fuzz_mutated_files_load_exactly_or_raise_bad_file_error(fuzz_case, data):
@@ -591,3 +716,33 @@ def test_resnet18_2_6_size_is_near_theoretical(resnet18_packed):
     # the 2-bit layout is within 2% of the nominal "codes at their bit widths + scales + float tensors"
     assert two_bit["theoretical"] <= two_bit["packed"] <= 1.02 * two_bit["theoretical"], two_bit
     assert base3["float_tensors"] == two_bit["float_tensors"] and base3["scales"] == two_bit["scales"]
+
+
+def test_resnet18_2_6_compressed_is_below_the_paper(tmp_path):
+    """Entropy-coded codes (compress=True) bring ResNet-18 2/6 under the paper's 5.48 MiB.
+
+    Measured on RANDOM weights re-drawn from a Gaussian (kaiming normal): pytorchcv's own init is kaiming *uniform*,
+    whose near-uniform 6-bit codes carry ~6 bits of entropy and do not compress. Trained weights are bell-shaped
+    (heavier-tailed than a Gaussian), which spreads the codes even less, so they compress at least as well.
+    """
+    pytest.importorskip("pytorchcv")
+    from dfmpc_deploy.models import load_model
+    model = load_model("resnet18", "random").module
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+    mp = compensate(model, quick_config(), (3, 224, 224), arch="resnet18")
+    dense = save_packed(mp, tmp_path / "dense.dfpk")
+    comp = save_packed(mp, tmp_path / "comp.dfpk", compress=True)
+    mib = comp["packed"] / 2**20
+    print(f"\nResNet-18 2/6 (Gaussian random weights): compressed {comp['packed']:,} B = {mib:.3f} MiB "
+          f"({comp['bits_per_weight']:.3f} bits/w), dense {dense['packed']:,} B = {dense['packed'] / 2**20:.3f} MiB; "
+          f"paper {PAPER_RESNET18_2_6_MIB} MiB")
+    assert mib < PAPER_RESNET18_2_6_MIB, comp
+    assert comp["packed"] < dense["packed"] and comp["theoretical"] == dense["theoretical"]
+    t = time.perf_counter()
+    back = load_packed(tmp_path / "comp.dfpk")
+    print(f"compressed load {time.perf_counter() - t:.3f} s")
+    assert all(torch.equal(back.layers[f].codes, q.codes.to(back.layers[f].codes.dtype)) for f, q in mp.layers.items())
