@@ -76,7 +76,10 @@ def render_markdown(rep: dict) -> str:
 
 
 def write_report(out_dir: Path, rep: dict) -> None:
-    """Write report.json and report.md atomically into ``out_dir``."""
+    """Write report.json, report.md and the self-contained report.html atomically into ``out_dir``."""
+    from .report_html import render_html
+
     rep = {"format_version": REPORT_FORMAT_VERSION, **rep}
     atomic_write_json(out_dir / "report.json", rep)
     atomic_write_text(out_dir / "report.md", render_markdown(rep))
+    atomic_write_text(out_dir / "report.html", render_html(rep))

@@ -96,7 +96,7 @@ def test_build_random_weights_then_force_replaces(capsys, tmp_path):
     assert code == 0, err
     rep = json.loads(stdout)
     assert rep["weights"] == "random" and rep["format_version"] == 1
-    assert sorted(p.name for p in out.iterdir()) == ["model.dfmpc", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.dfmpc", "report.html", "report.json", "report.md"]
     assert "RANDOM weights" in (out / "report.md").read_text()
     assert rep["size_bytes"]["packed"] == (out / "model.dfmpc").stat().st_size
     assert not _no_partial(tmp_path)
@@ -172,3 +172,19 @@ def test_inspect_shows_layers_and_checksums(capsys, tmp_path):
     (tmp_path / "cut.dfmpc").write_bytes(bytes(blob[: len(blob) // 2]))
     code, _, err = _run(capsys, "inspect", str(tmp_path / "cut.dfmpc"))
     assert code == 1 and err.startswith("error:") and "Traceback" not in err
+
+
+def test_disk_full_while_writing(capsys, tmp_path, monkeypatch):
+    import errno
+
+    import dfmpc_deploy._io as io_mod
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io_mod.os, "fsync", full)
+    code, _, err = _run(capsys, "build", "resnet20_cifar10_optA", "--weights", "random", "--recal", "none",
+                        "--rounding", "nearest", "--out", str(tmp_path / "o"))
+    assert code == 1 and "No space left on device" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists() and not _no_partial(tmp_path)
+    assert [p for p in tmp_path.rglob("*")] == []
