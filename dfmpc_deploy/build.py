@@ -17,17 +17,12 @@ import torch
 from .config import BitsSpec, QuantConfig
 from .data import DataSpec, load_dataset
 from .errors import DfmpcError
+from .methods import METHODS, method_config
 from .report import layer_table, write_report
 
 __all__ = ["BuildConfig", "run_build", "prepare_out_dir", "METHODS"]
 
 log = logging.getLogger("dfmpc_deploy")
-
-#: methods `build --method` accepts: name -> (description, data used, fine-tuning)
-METHODS = {
-    "dfmpc": ("DF-MPC: low/high pairs, closed-form c, data-free BN statistics", "synthetic", False),
-    "rtn": ("round-to-nearest at the same bits, no compensation, FP statistics", "none", False),
-}
 
 
 @dataclass
@@ -78,12 +73,6 @@ def _finalize(tmp: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _method_config(cfg: BuildConfig) -> QuantConfig:
-    if cfg.method == "rtn":
-        return replace(cfg.quant, compensation=False, recal="none", rounding="nearest")
-    return cfg.quant
-
-
 def run_build(cfg: BuildConfig, progress=None) -> dict:
     """Run the whole pipeline; returns the report dict (also written to ``cfg.out/report.json``)."""
     from .compensate import compensate
@@ -132,7 +121,9 @@ def _run(cfg, tmp, progress, compensate, accuracy, load_model) -> dict:
                             progress=_task(progress, "load data"))
         timings["load_data"] = round(time.perf_counter() - t, 3)
 
-    qcfg = _method_config(cfg)
+    if cfg.method not in METHODS:
+        raise DfmpcError(f"unknown method '{cfg.method}': choose one of {', '.join(METHODS)}")
+    qcfg = method_config(cfg.method, cfg.quant)
     real = None
     if qcfg.recal == "real":
         if data is None:
@@ -140,8 +131,8 @@ def _run(cfg, tmp, progress, compensate, accuracy, load_model) -> dict:
         real = data.images[torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))[:200]]
 
     t = time.perf_counter()
-    mp = compensate(lm.module, qcfg, input_shape, arch=cfg.model, real_inputs=real,
-                    progress=_task(progress, "synthesise inputs"))
+    mp = METHODS[cfg.method].run(lm.module, cfg.quant, input_shape, arch=cfg.model, real_inputs=real,
+                                 progress=_task(progress, "synthesise inputs"))
     timings["compensate"] = round(time.perf_counter() - t, 3)
     log.info("compensated %s in %.2f s (%s)", cfg.model, timings["compensate"], mp.estimator)
 

@@ -15,6 +15,7 @@ from typing import Sequence
 from . import __version__
 from .config import QuantConfig, parse_bits
 from .errors import DfmpcError, UsageError
+from .methods import METHODS
 
 __all__ = ["main", "SUBCOMMANDS"]
 
@@ -57,7 +58,9 @@ def _add_build(sub) -> None:
                    help="'pretrained' (download), 'random' (seeded, for size/latency/export only) or a local "
                         ".pth/.th/.safetensors state dict (default: pretrained)")
     p.add_argument("--bits", default="2/6", help="LOW/HIGH bit widths, 2 <= LOW <= HIGH <= 8; 2 = ternary (default 2/6)")
-    p.add_argument("--method", default="dfmpc", choices=["dfmpc", "rtn"], help="quantization method (default dfmpc)")
+    p.add_argument("--method", default="dfmpc", choices=list(METHODS),
+                   help="quantization method (default dfmpc): " + "; ".join(
+                       f"{s.name} = {s.description} [data: {s.data_used}]" for s in METHODS.values()))
     p.add_argument("--lambda1", type=float, default=0.5, help="Eq. 22 weight of the BN bias term (default 0.5)")
     p.add_argument("--lambda2", type=float, default=0.0, help="Eq. 22 ridge on c (default 0)")
     p.add_argument("--c-mode", default="off", choices=["paper", "norm", "off"],

@@ -25,13 +25,9 @@ from calib_free import synthesize_inputs  # noqa: E402
 from dfmpc_deploy._io import atomic_write_json  # noqa: E402
 from dfmpc_deploy.compensate import compensate  # noqa: E402
 from dfmpc_deploy.config import QuantConfig, parse_bits  # noqa: E402
-from dfmpc_deploy.data import load_dataset, parse_data_spec  # noqa: E402
 from dfmpc_deploy.evaluate import accuracy  # noqa: E402
-from dfmpc_deploy.models import load_model  # noqa: E402
+from _cifar import MODELS, load_case  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data"
-MODELS = {"resnet20": ("resnet20_cifar10_optA", "resnet20-12fca82f.th"),
-          "resnet56": ("resnet56_cifar10_optA", "resnet56-4bfd9763.th")}
 
 # name -> (QuantConfig overrides, description)
 VARIANTS = {
@@ -72,11 +68,8 @@ def main() -> None:
     results = {"bits": str(bits), "per_channel": args.per_channel, "limit": args.limit, "seeds": args.seeds, "models": {}}
     table = ["| model | variant | top-1 % | top-5 % | gap to FP32 | compensate s |", "|---|---|---|---|---|---|"]
     for key in args.models:
-        name, wfile = MODELS[key]
-        lm = load_model(name, str(SHARED / "weights" / "akamaster_cifar10" / wfile))
+        name, lm, data = load_case(key, args.limit)
         s = lm.spec
-        data = load_dataset(parse_data_spec(f"imagefolder:{SHARED / 'cifar10-test-jpg' / 'test'}"), s.input_size,
-                            s.resize, s.mean, s.std, args.limit)
         real = data.images[torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))[:200]]
         fp = accuracy(lm.module, data)
         rows = {"fp32": {**fp, "seconds": 0.0}}

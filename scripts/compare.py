@@ -1,0 +1,87 @@
+"""Run related methods on the same model, data and bit budget (issue 5) and print one Markdown table.
+
+Every row quantizes the same layers to the same bits (dfmpc_deploy.methods); the packed size comes from
+``save_packed`` to a temporary file; wall time covers the method itself (synthesis included), not evaluation.
+Writes results/compare.json. Usage:
+
+    python scripts/compare.py                                   # resnet20 + resnet56, all 10,000 images
+    python scripts/compare.py --models resnet20 --limit 2000 --methods rtn dfq
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dfmpc_deploy._io import atomic_write_json  # noqa: E402
+from dfmpc_deploy.config import QuantConfig, parse_bits  # noqa: E402
+from dfmpc_deploy.evaluate import accuracy  # noqa: E402
+from dfmpc_deploy.methods import METHODS, run_method  # noqa: E402
+from _cifar import MODELS, load_case  # noqa: E402
+from dfmpc_deploy.pack import save_packed  # noqa: E402
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--bits", default="2/6")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate on N evenly spaced images (default all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--note", default="", help="free text for the table header and the JSON (e.g. machine load)")
+    ap.add_argument("--out", default=str(ROOT / "results" / "compare.json"))
+    args = ap.parse_args()
+    cfg = QuantConfig(bits=parse_bits(args.bits), seed=args.seed)
+    n_label = f"{args.limit} evenly spaced" if args.limit else "all 10,000"
+    header = [f"CIFAR-10 test JPEGs ({n_label} images), weights {cfg.bits}, activations FP32, "
+              f"threads {torch.get_num_threads()}" + (f"; {args.note}" if args.note else ""), "",
+              "| model | method | data used | fine-tuning | bits | packed size (bytes) | top-1 % | top-5 % "
+              "| wall time (s) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(header), flush=True)
+    table = list(header)
+    results = {"bits": str(cfg.bits), "limit": args.limit, "images": n_label, "seed": args.seed,
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "note": args.note, "models": {}}
+    for key in args.models:
+        name, lm, data = load_case(key, args.limit)
+        s = lm.spec
+        shape = (3, s.input_size, s.input_size)
+        fp = accuracy(lm.module, data)
+        n_params = sum(p.numel() for p in lm.module.parameters())
+        n_buf = sum(b.numel() for k, b in lm.module.named_buffers() if not k.endswith("num_batches_tracked"))
+        rows = {"fp32": {**fp, "size_bytes": 4 * (n_params + n_buf), "data_used": "-", "fine_tuning": False}}
+        table.append(f"| {key} | fp32 | - | - | 32 | {4 * (n_params + n_buf)} | {fp['top1']:.2f} | "
+                     f"{fp['top5']:.2f} | - |")
+        print(table[-1], flush=True)
+        for m in args.methods:
+            spec = METHODS[m]
+            t = time.perf_counter()
+            mp = run_method(m, lm.module, cfg, shape, arch=name)
+            wall = time.perf_counter() - t
+            with tempfile.TemporaryDirectory() as tmp:
+                packed = save_packed(mp, Path(tmp) / "model.dfmpc")["packed"]
+            acc = accuracy(mp.module, data)
+            rows[m] = {**acc, "size_bytes": packed, "wall_seconds": round(wall, 2), "data_used": spec.data_used,
+                       "fine_tuning": spec.fine_tuning, "description": spec.description, "estimator": mp.estimator,
+                       "config": {k: v for k, v in vars(mp.config).items() if k != "bits"},
+                       "info": {k: v for k, v in mp.info.items() if isinstance(v, (int, float, str))}}
+            table.append(f"| {key} | {m} | {spec.data_used} | {'yes' if spec.fine_tuning else 'no'} | {cfg.bits} | "
+                         f"{packed} | {acc['top1']:.2f} | {acc['top5']:.2f} | {wall:.1f} |")
+            print(table[-1], flush=True)
+        results["models"][key] = {"model": name, "n": fp["n"], "methods": rows}
+    print("\n" + "\n".join(table))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, results)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
