@@ -9,10 +9,11 @@ PY=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt)
 "${pip[@]}" torch==2.13.0
 "${pip[@]}" -e '.[test,ort,ui]'
-"${pip[@]}" --no-deps pytorchcv
 "${pip[@]}" requests
 # TensorRT-RTX builds real engines on a CPU (NVIDIA's full TensorRT needs its own index and a GPU).
 "${pip[@]}" tensorrt-rtx || echo "setup: tensorrt-rtx could not be installed; TensorRT tests will be skipped"
+# Last, so that no later install re-checks its (unneeded) torchvision requirement.
+"${pip[@]}" --no-deps pytorchcv
 .venv/bin/python - <<'PY'
 import importlib.util, torch
 assert torch.__version__.startswith("2.13.0"), f"unexpected torch {torch.__version__}"
