@@ -33,8 +33,9 @@ def recalibrate_bn_(model: nn.Module, inputs: torch.Tensor, names: Iterable[str]
         if len(inputs) <= batch_size:
             model(inputs)
         else:
-            # With several batches a later layer would see earlier layers normalised by partial statistics;
-            # do one pass per depth instead would be exact but slow, so keep batches large (documented).
+            # Each batch is normalised by its own statistics while the running averages accumulate, so later
+            # layers see slightly different inputs than the final statistics describe; with a single batch
+            # (the default: 32 synthetic samples) they are exactly the statistics the later layers saw.
             for i in range(0, len(inputs), batch_size):
                 model(inputs[i:i + batch_size])
     finally:
