@@ -9,12 +9,12 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .config import BitsSpec, QuantConfig
+from .config import QuantConfig
 from .data import DataSpec, load_dataset
 from .errors import DfmpcError
 from .methods import METHODS, method_config
@@ -75,13 +75,12 @@ def _finalize(tmp: Path, out: Path) -> None:
 
 def run_build(cfg: BuildConfig, progress=None) -> dict:
     """Run the whole pipeline; returns the report dict (also written to ``cfg.out/report.json``)."""
-    from .compensate import compensate
     from .evaluate import accuracy
     from .models import load_model
 
     tmp = prepare_out_dir(cfg.out, cfg.force)
     try:
-        rep = _run(cfg, tmp, progress, compensate, accuracy, load_model)
+        rep = _run(cfg, tmp, progress, accuracy, load_model)
         write_report(tmp, rep)
         _finalize(tmp, cfg.out)
         return {"format_version": 1, **rep}
@@ -105,7 +104,7 @@ def _task(progress, label):
     return progress.task(label) if progress is not None else None
 
 
-def _run(cfg, tmp, progress, compensate, accuracy, load_model) -> dict:
+def _run(cfg, tmp, progress, accuracy, load_model) -> dict:
     timings = {}
     t = time.perf_counter()
     lm = load_model(cfg.model, cfg.weights, seed=cfg.quant.seed, unsafe_pickle=cfg.unsafe_pickle)
@@ -152,8 +151,7 @@ def _run(cfg, tmp, progress, compensate, accuracy, load_model) -> dict:
         if cfg.method == "rtn":
             acc["quantized_uncompensated"] = accuracy(mp.module, data, progress=_task(progress, "eval rtn"))
         else:
-            rtn = compensate(lm.module, replace(qcfg, compensation=False, recal="none", rounding="nearest"),
-                             input_shape, arch=cfg.model)
+            rtn = METHODS["rtn"].run(lm.module, cfg.quant, input_shape, arch=cfg.model)
             acc["quantized_uncompensated"] = accuracy(rtn.module, data, progress=_task(progress, "eval uncompensated"))
             acc[cfg.method] = accuracy(mp.module, data, progress=_task(progress, f"eval {cfg.method}"))
         timings["evaluate"] = round(time.perf_counter() - t, 3)
