@@ -17,7 +17,7 @@ import torch
 from .config import QuantConfig
 from .data import DataSpec, load_dataset
 from .errors import DfmpcError
-from .methods import METHODS, method_config
+from .methods import METHODS, method_config, method_overrides
 from .report import layer_table, write_report
 
 __all__ = ["BuildConfig", "run_build", "prepare_out_dir", "METHODS"]
@@ -44,6 +44,7 @@ class BuildConfig:
     unsafe_pickle: bool = False
     pack: bool = True
     compress: bool = False
+    explicit: frozenset[str] = frozenset()  # QuantConfig fields the user set by flag (for override warnings)
 
 
 def prepare_out_dir(out: Path, force: bool) -> Path:
@@ -73,14 +74,18 @@ def _finalize(tmp: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def run_build(cfg: BuildConfig, progress=None) -> dict:
-    """Run the whole pipeline; returns the report dict (also written to ``cfg.out/report.json``)."""
+def run_build(cfg: BuildConfig, progress=None, warn=None) -> dict:
+    """Run the whole pipeline; returns the report dict (also written to ``cfg.out/report.json``).
+
+    ``warn(message)`` receives one line per user flag the chosen method replaces or ignores (default: the
+    ``dfmpc_deploy`` logger at WARNING); the report's ``notes`` list them too.
+    """
     from .evaluate import accuracy
     from .models import load_model
 
     tmp = prepare_out_dir(cfg.out, cfg.force)
     try:
-        rep = _run(cfg, tmp, progress, accuracy, load_model)
+        rep = _run(cfg, tmp, progress, accuracy, load_model, warn or (lambda m: log.warning("warning: %s", m)))
         write_report(tmp, rep)
         _finalize(tmp, cfg.out)
         return {"format_version": 1, **rep}
@@ -104,7 +109,7 @@ def _task(progress, label):
     return progress.task(label) if progress is not None else None
 
 
-def _run(cfg, tmp, progress, accuracy, load_model) -> dict:
+def _run(cfg, tmp, progress, accuracy, load_model, warn) -> dict:
     timings = {}
     t = time.perf_counter()
     lm = load_model(cfg.model, cfg.weights, seed=cfg.quant.seed, unsafe_pickle=cfg.unsafe_pickle)
@@ -123,6 +128,9 @@ def _run(cfg, tmp, progress, accuracy, load_model) -> dict:
     if cfg.method not in METHODS:
         raise DfmpcError(f"unknown method '{cfg.method}': choose one of {', '.join(METHODS)}")
     qcfg = method_config(cfg.method, cfg.quant)
+    overridden = method_overrides(cfg.method, cfg.quant, cfg.explicit)
+    for msg in overridden:
+        warn(msg)
     real = None
     if qcfg.recal == "real":
         if data is None:
@@ -140,7 +148,11 @@ def _run(cfg, tmp, progress, accuracy, load_model) -> dict:
                  "config": {k: v for k, v in vars(qcfg).items() if k != "bits"},
                  "input_shape": list(input_shape), "preprocessing": {"mean": list(mean), "std": list(std),
                                                                       "resize": spec.resize}}
-    notes = []
+    notes = [f"--method {cfg.method}: {msg}" for msg in overridden]
+    if "allocation" in mp.info:
+        a = mp.info["allocation"]
+        rep["bits"] = f"mixed {qcfg.bits.low}..{qcfg.bits.high} ({a['avg_code_bits']} bits/weight)"
+        rep["allocation"] = a
     if lm.weights == "random":
         notes.append("Built with seeded RANDOM weights: sizes, latency and export are real, accuracy is not.")
 

@@ -21,6 +21,8 @@ __all__ = ["main", "SUBCOMMANDS"]
 
 log = logging.getLogger("dfmpc_deploy")
 
+_BUILD_PARSER: list[argparse.ArgumentParser] = []
+
 _BUILD_EXAMPLE = """example:
   dfmpc-deploy build resnet56_cifar10_optA \\
       --weights ../shared/data/weights/akamaster_cifar10/resnet56-4bfd9763.th \\
@@ -46,6 +48,34 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"'{text}' is not a positive integer")
     return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive number")
+    return v
+
+
+#: build flag dest -> QuantConfig field, for telling which flags the user set (override warnings)
+_QCFG_FIELDS = {"c_mode": ("compensation", "c_mode"), "recal": ("recal",), "recal_scope": ("recal_scope",),
+                "rounding": ("rounding",), "per_channel": ("per_channel",), "synth_samples": ("synth_samples",),
+                "synth_steps": ("synth_steps",), "lambda1": ("lambda1",), "lambda2": ("lambda2",),
+                "size_budget_mb": ("size_budget_bytes",), "avg_bits": ("avg_bits",),
+                "finetune_steps": ("finetune_steps",)}
+
+
+def _explicit_fields(parser: argparse.ArgumentParser, argv: Sequence[str]) -> frozenset[str]:
+    """QuantConfig fields whose build flags appear in ``argv`` (given by the user, whatever the value)."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    out: set[str] = set()
+    for action in parser._actions:
+        if set(action.option_strings) & given and action.dest in _QCFG_FIELDS:
+            out.update(_QCFG_FIELDS[action.dest])
+    return frozenset(out)
 
 
 def _add_build(sub) -> None:
@@ -74,6 +104,13 @@ def _add_build(sub) -> None:
     p.add_argument("--rounding", default=QuantConfig.rounding, choices=["nearest", "gptq"],
                    help="code choice: 'nearest' (the paper) or 'gptq' error feedback on the synthetic samples")
     p.add_argument("--per-channel", action="store_true", help="per-output-channel quantizer ranges")
+    p.add_argument("--size-budget-mb", type=_positive_float, metavar="MB",
+                   help="choose each layer's width in LOW..HIGH of --bits by data-free sensitivity so that "
+                        "model.dfmpc fits MB megabytes (10^6 bytes); e.g. 0.54")
+    p.add_argument("--avg-bits", type=_positive_float,
+                   help="the same, as an average of bits per weight of the integer codes (ternary = 1.6), e.g. 3.5")
+    p.add_argument("--finetune-steps", type=int, default=QuantConfig.finetune_steps,
+                   help=f"gdfq only: generator + fine-tuning iterations (default {QuantConfig.finetune_steps})")
     p.add_argument("--synth-samples", type=_positive_int, default=QuantConfig.synth_samples)
     p.add_argument("--synth-steps", type=_positive_int, default=QuantConfig.synth_steps)
     p.add_argument("--seed", type=int, default=0)
@@ -92,6 +129,7 @@ def _add_build(sub) -> None:
     p.add_argument("--unsafe-pickle", action="store_true",
                    help="allow full unpickling of a --weights file you trust (default: tensors only)")
     p.set_defaults(func=_cmd_build)
+    _BUILD_PARSER[:] = [p]
 
 
 def _cmd_build(args) -> int:
@@ -104,16 +142,18 @@ def _cmd_build(args) -> int:
                        compensation=args.c_mode != "off", c_mode="paper" if args.c_mode == "off" else args.c_mode,
                        per_channel=args.per_channel, recal=args.recal, recal_scope=args.recal_scope,
                        rounding=args.rounding, synth_samples=args.synth_samples, synth_steps=args.synth_steps,
-                       seed=args.seed)
+                       seed=args.seed, finetune_steps=args.finetune_steps, avg_bits=args.avg_bits,
+                       size_budget_bytes=round(args.size_budget_mb * 1e6) if args.size_budget_mb else None)
     data = parse_data_spec(args.data) if args.data else None
     from .models import get_spec
     get_spec(args.model)  # fail fast on an unknown name
     cfg = BuildConfig(model=args.model, weights=args.weights, quant=qcfg, method=args.method, data=data,
                       limit=args.limit, mean=args.mean, std=args.std, targets=tuple(args.target),
                       batch_sizes=tuple(args.batch_sizes), out=args.out, force=args.force,
-                      unsafe_pickle=args.unsafe_pickle, pack=not args.no_pack, compress=args.compress)
+                      unsafe_pickle=args.unsafe_pickle, pack=not args.no_pack, compress=args.compress,
+                      explicit=_explicit_fields(_BUILD_PARSER[0], sys.argv[1:] if args.argv is None else args.argv))
     with Progress(enabled=None if not args.quiet else False) as prog:
-        rep = run_build(cfg, progress=prog)
+        rep = run_build(cfg, progress=prog, warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(rep, indent=2))
     elif not args.quiet:
@@ -186,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)

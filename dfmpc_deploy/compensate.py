@@ -40,7 +40,7 @@ from calib_free.bn_stats import BNStats
 from .artifacts import MixedPrecisionModel, QuantLayer
 from .config import QuantConfig
 from .errors import UsageError
-from .pairing import Link, plan_roles
+from .pairing import Link, bn_after, plan_roles
 from .quantizers import quantize_weight
 from .rounding import error_feedback_round_
 
@@ -169,14 +169,22 @@ def compensate(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, 
     info["quantize_seconds"] = round(time.perf_counter() - t0, 4)
 
     t1 = time.perf_counter()
-    bn_all = [n for n, m in qmodel.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    bn_low = [p.bn for p in pairs if p.bn is not None]
-    scope = bn_all if cfg.recal_scope == "all" else bn_low
     if synthetic is not None and cfg.recal == "synthetic":
         inputs, estimator, stat_info = synthetic, f"synthetic BN-statistics matching ({len(synthetic)} samples; no data)", {}
     else:
         inputs, estimator, stat_info = calibration_inputs(model, cfg, input_shape, real_inputs, progress)
     info.update(stat_info)
+    bn_map = bn_after(model)
+    if cfg.allocating:
+        if inputs is None:
+            raise UsageError("bit allocation scores the layers on calibration inputs: use --recal synthetic "
+                             "(default, data-free) or real")
+        info["allocation"] = _allocate_(model, qmodel, layers, inputs, cfg, bn_map,
+                                        MixedPrecisionModel(qmodel, layers, arch or type(model).__name__, cfg,
+                                                            estimator))
+    bn_all = [n for n, m in qmodel.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    bn_low = [bn_map[q.fqn] for q in layers.values() if q.role == "low" and q.fqn in bn_map]
+    scope = bn_all if cfg.recal_scope == "all" else bn_low
     if cfg.rounding == "gptq":
         if inputs is None:
             raise UsageError("--rounding gptq needs calibration inputs: use --recal synthetic (default) or real")
@@ -205,6 +213,53 @@ def compensate(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, 
     info["compensate_seconds"] = round(time.perf_counter() - t2, 4)
     info["total_seconds"] = round(time.perf_counter() - t0, 4)
     return MixedPrecisionModel(qmodel, layers, arch or type(model).__name__, cfg, estimator, info)
+
+
+def _allocate_(model: nn.Module, qmodel: nn.Module, layers: dict[str, QuantLayer], inputs: torch.Tensor,
+               cfg: QuantConfig, bn_map: dict[str, str], probe: MixedPrecisionModel) -> dict:
+    """In place: re-quantize ``layers`` (and ``qmodel``'s weights) to the widths chosen under the budget.
+
+    A layer below the high width becomes role ``low`` (re-estimated BN, error feedback, grid search, as the low
+    layer of a fixed pair); the others become ``high`` (keeping ``high-compensating`` where the pairing said so).
+    ``probe`` wraps ``qmodel``/``layers`` to measure the real packed size while fitting a ``size_budget_bytes``.
+    """
+    from .allocate import fit_budget, layer_sensitivity
+    from .pack import code_nbytes, packed_nbytes
+
+    t0 = time.perf_counter()
+    names = list(layers)
+    cands = list(range(cfg.bits.low, cfg.bits.high + 1))
+    first = {n: (q.role, q.partner) for n, q in layers.items()}
+    scores = layer_sensitivity(model, names, inputs, cands, cfg.bits.high, bn_map, cfg.per_channel)
+    sizes = {n: {b: code_nbytes(b, layers[n].numel) for b in cands} for n in names}
+    fp = dict(model.named_modules())
+
+    def apply(bits: dict[str, int]) -> None:
+        for n, b in bits.items():
+            q = layers[n]
+            if q.bits == b:
+                continue
+            role = "low" if b < cfg.bits.high else ("high" if first[n][0] == "low" else first[n][0])
+            codes, scale = quantize_weight(fp[n].weight, b, cfg.per_channel)
+            layers[n] = QuantLayer(n, q.kind, role, b, codes, scale, partner=first[n][1])
+        _set_weights_(qmodel, layers)
+
+    if cfg.avg_bits is not None:
+        numel = sum(q.numel for q in layers.values())
+        alloc = fit_budget(scores, sizes, int(cfg.avg_bits * numel / 8))
+    else:
+        fixed = sum(code_nbytes(q.bits, q.numel) for q in layers.values())
+        overhead = packed_nbytes(probe) - fixed
+
+        def measure(bits: dict[str, int]) -> int:
+            apply(bits)
+            return packed_nbytes(probe)
+        alloc = fit_budget(scores, sizes, int(cfg.size_budget_bytes), measure, overhead)
+    apply(alloc.bits)
+    summary = alloc.summary({n: q.numel for n, q in layers.items()})
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    log.info("allocation: %s", summary)
+    return summary
 
 
 def _fold_c_(p: Link, c: torch.Tensor, layers: dict[str, QuantLayer], mods: dict[str, nn.Module]) -> None:

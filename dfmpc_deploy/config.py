@@ -83,6 +83,11 @@ class QuantConfig:
         grid_search: with ``gptq``, pick each low-bit layer's grid step among 0.7..1.4 x the TWN/DoReFa scale by
             the least scale-invariant output error on the synthetic inputs (rounding.best_grid_codes).
         seed: seed for everything random (synthesis, random weights).
+        size_budget_bytes: when set, choose each layer's width in ``bits.low..bits.high`` by data-free sensitivity
+            so that the packed file (dense layouts) fits this many bytes (allocate.py); else the fixed pairing.
+        avg_bits: the same, with the budget given as average bits per weight of the integer codes (ternary
+            counts 1.6, its packed size).
+        finetune_steps: iterations of the ``gdfq`` method (generator warm-up included); no other method trains.
     """
 
     bits: BitsSpec = BitsSpec(2, 6)
@@ -100,6 +105,14 @@ class QuantConfig:
     synth_steps: int = 100
     synth_lr: float = 0.25
     seed: int = 0
+    size_budget_bytes: int | None = None
+    avg_bits: float | None = None
+    finetune_steps: int = 400
+
+    @property
+    def allocating(self) -> bool:
+        """Whether widths are chosen per layer under a budget (instead of the fixed low/high pairing)."""
+        return self.size_budget_bytes is not None or self.avg_bits is not None
 
     def __post_init__(self) -> None:
         if self.lambda1 < 0 or self.lambda2 < 0:
@@ -116,3 +129,11 @@ class QuantConfig:
             raise UsageError(f"bad gptq_scope '{self.gptq_scope}': choose 'all' or 'low'")
         if self.synth_samples < 1 or self.synth_steps < 0:
             raise UsageError("--synth-samples must be >= 1 and --synth-steps >= 0")
+        if self.finetune_steps < 0:
+            raise UsageError(f"bad --finetune-steps {self.finetune_steps}: give 0 or more, e.g. 400")
+        if self.size_budget_bytes is not None and self.avg_bits is not None:
+            raise UsageError("give either --size-budget-mb or --avg-bits, not both")
+        if self.size_budget_bytes is not None and self.size_budget_bytes <= 0:
+            raise UsageError(f"bad --size-budget-mb: {self.size_budget_bytes} bytes; give a positive size such as 0.2")
+        if self.avg_bits is not None and not (1.6 <= self.avg_bits <= 8):
+            raise UsageError(f"bad --avg-bits {self.avg_bits}: need 1.6 (all ternary) to 8, e.g. --avg-bits 3.5")

@@ -9,6 +9,11 @@ the weights and the float state (BN statistics, biases) are chosen differs.
 * ``dfmpc``: this project's default pipeline (``QuantConfig()``).
 * ``dfmpc-paper``: the paper as printed: closed-form c (Eq. 27) folded, FP statistics, nearest rounding.
 * ``zeroq``: Cai et al. 2020: inputs synthesised from the BN statistics, then every BN re-estimated on them.
+* ``gdfq``: Xu et al. 2020: a generator trained with BN-statistics and class-boundary losses, then the quantized
+  model fine-tuned on its samples (gdfq.py; ``finetune_steps`` sets the budget).
+* ``dfmpc-alloc``: DF-MPC with each layer's width chosen by data-free sensitivity under a size budget (allocate.py,
+  the idea of paper 002); without ``size_budget_bytes`` / ``avg_bits`` the budget is the size of the fixed
+  low/high pairing's packed file, so it is compared at the same size.
 
 DFQ's implementation choices are in dfq.py. This module imports no torch, so ``dfmpc-deploy --help`` stays light.
 """
@@ -26,7 +31,7 @@ if TYPE_CHECKING:
 
     from .artifacts import MixedPrecisionModel
 
-__all__ = ["MethodSpec", "METHODS", "DATA_USED", "method_config", "run_method"]
+__all__ = ["MethodSpec", "METHODS", "DATA_USED", "method_config", "run_method", "method_overrides"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -59,8 +64,11 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r}: data_used {self.data_used!r} not in {DATA_USED}")
 
 
+_FIXED_BITS = dict(size_budget_bytes=None, avg_bits=None)  # methods that keep the fixed low/high pairing
+
+
 def _rtn_config(cfg: QuantConfig) -> QuantConfig:
-    return replace(cfg, compensation=False, recal="none", rounding="nearest")
+    return replace(cfg, compensation=False, recal="none", rounding="nearest", **_FIXED_BITS)
 
 
 def _compensating(config: Callable[[QuantConfig], QuantConfig]) -> Callable[..., MixedPrecisionModel]:
@@ -76,8 +84,27 @@ def _dfq(model, cfg, input_shape, **kwargs):
     return dfq(model, cfg, input_shape, **kwargs)
 
 
-_DFMPC_PAPER = dict(compensation=True, c_mode="paper", recal="none", rounding="nearest")
-_ZEROQ = dict(compensation=False, rounding="nearest", recal="synthetic", recal_scope="all")
+def _gdfq(model, cfg, input_shape, arch=None, progress=None, **_):
+    from .gdfq import gdfq
+    return gdfq(model, cfg, input_shape, arch=arch, progress=progress)
+
+
+def _fixed_pairing_bytes(model, cfg: QuantConfig, arch: str | None) -> int:
+    """Packed size of ``model`` under the fixed low/high pairing at ``cfg.bits`` (round-to-nearest: same size)."""
+    from .compensate import compensate
+    from .pack import packed_nbytes
+    return packed_nbytes(compensate(model, _rtn_config(cfg), (1, 1, 1), arch=arch))
+
+
+def _dfmpc_alloc(model, cfg, input_shape, arch=None, **kwargs):
+    from .compensate import compensate
+    if not cfg.allocating:
+        cfg = replace(cfg, size_budget_bytes=_fixed_pairing_bytes(model, cfg, arch))
+    return compensate(model, cfg, input_shape, arch=arch, **kwargs)
+
+
+_DFMPC_PAPER = dict(compensation=True, c_mode="paper", recal="none", rounding="nearest", **_FIXED_BITS)
+_ZEROQ = dict(compensation=False, rounding="nearest", recal="synthetic", recal_scope="all", **_FIXED_BITS)
 
 
 def _spec(name, description, data_used, fine_tuning, config, run=None) -> MethodSpec:
@@ -95,7 +122,54 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in (
           lambda cfg: replace(cfg, **_DFMPC_PAPER)),
     _spec("zeroq", "ZeroQ: BN-statistics-matched synthetic inputs, every BN re-estimated", "synthetic", False,
           lambda cfg: replace(cfg, **_ZEROQ)),
+    _spec("gdfq", "GDFQ (Xu 2020): generator (BN statistics + class boundary) then STE fine-tuning", "synthetic", True,
+          lambda cfg: replace(cfg, **_FIXED_BITS), _gdfq),
+    _spec("dfmpc-alloc", "DF-MPC with per-layer widths from data-free sensitivity under the same size budget",
+          "synthetic", False, lambda cfg: cfg, _dfmpc_alloc),
 )}
+
+#: QuantConfig field -> the build flag that sets it (for override warnings)
+FLAGS = {"compensation": "--c-mode", "c_mode": "--c-mode", "recal": "--recal", "recal_scope": "--recal-scope",
+         "rounding": "--rounding", "per_channel": "--per-channel", "synth_samples": "--synth-samples",
+         "synth_steps": "--synth-steps", "lambda1": "--lambda1", "lambda2": "--lambda2",
+         "size_budget_bytes": "--size-budget-mb", "avg_bits": "--avg-bits", "finetune_steps": "--finetune-steps"}
+
+#: fields a method does not read at all (its own procedure replaces them)
+_IGNORES = {
+    "rtn": ("size_budget_bytes", "avg_bits", "finetune_steps"),
+    "dfq": ("recal", "recal_scope", "synth_samples", "synth_steps", "size_budget_bytes", "avg_bits", "finetune_steps"),
+    "dfmpc": ("finetune_steps",),
+    "dfmpc-paper": ("size_budget_bytes", "avg_bits", "finetune_steps"),
+    "zeroq": ("size_budget_bytes", "avg_bits", "finetune_steps"),
+    "gdfq": ("compensation", "c_mode", "recal", "recal_scope", "rounding", "synth_samples", "synth_steps",
+             "lambda1", "lambda2", "size_budget_bytes", "avg_bits"),
+    "dfmpc-alloc": ("finetune_steps",),
+}
+
+
+def method_overrides(name: str, cfg: QuantConfig, explicit: frozenset[str] | set[str]) -> list[str]:
+    """Build flags the user set (``explicit``: QuantConfig field names) that method ``name`` replaces or ignores.
+
+    Returns:
+        One message per flag, e.g. ``"--rounding gptq is replaced by zeroq's nearest"``.
+    """
+    mine = METHODS[name].config(cfg)
+    out, seen = [], set()
+    for f in sorted(explicit):
+        flag = FLAGS.get(f)
+        if flag is None or flag in seen:
+            continue
+        if f in _IGNORES.get(name, ()):
+            out.append(f"{flag} is not used by {name}")
+            seen.add(flag)
+        elif getattr(mine, f) != getattr(cfg, f):
+            out.append(f"{flag} {_show(getattr(cfg, f))} is replaced by {name}'s {_show(getattr(mine, f))}")
+            seen.add(flag)
+    return out
+
+
+def _show(v) -> str:
+    return ("on" if v else "off") if isinstance(v, bool) else str(v)
 
 
 def method_config(name: str, cfg: QuantConfig) -> QuantConfig:

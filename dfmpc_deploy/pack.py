@@ -83,7 +83,7 @@ from .models import get_spec
 
 __all__ = ["FORMAT_VERSION", "CodeLayout", "pack_ternary2", "unpack_ternary2", "pack_ternary_base3",
            "unpack_ternary_base3", "pack_kbit", "unpack_kbit", "save_packed", "load_packed", "packed_size_report",
-           "inspect_packed"]
+           "inspect_packed", "code_nbytes", "packed_nbytes"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -287,6 +287,16 @@ def _inflate(data, n: int, what: str) -> np.ndarray:
         raise ValueError(f"{what}: the compressed codes do not decode to exactly {n} bytes "
                          f"({'more' if len(out) > n else 'truncated' if not d.eof else 'trailing data'})")
     return np.frombuffer(out, np.uint8)
+
+
+def code_nbytes(bits: int, n: int) -> int:
+    """Bytes of the dense (uncompressed) code payload of ``n`` weights at ``bits`` (2 = ternary base-3 layout)."""
+    return _nbytes(CodeLayout.TERNARY_BASE3 if bits == 2 else CodeLayout.KBIT, bits, n)
+
+
+def packed_nbytes(mp: MixedPrecisionModel, compress: bool = False) -> int:
+    """Size in bytes of the file :func:`save_packed` would write for ``mp`` (nothing is written)."""
+    return len(_file_bytes(mp, CodeLayout.TERNARY_BASE3, compress))
 
 
 def _nbytes(layout: str, bits: int, n: int) -> int:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import DfmpcError
 
-__all__ = ["Link", "LayerRole", "find_links", "find_pairs", "plan_roles"]
+__all__ = ["Link", "LayerRole", "find_links", "find_pairs", "bn_after", "plan_roles"]
 
 _HOMOGENEOUS = (nn.ReLU, nn.Identity, nn.LeakyReLU)  # act(c*z) = c*act(z) for c >= 0
 _ACTS = _HOMOGENEOUS + (nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid)
@@ -103,6 +103,19 @@ def find_links(model: nn.Module) -> list[Link]:
                 and mods[n.target].in_channels == conv.out_channels):
             links.append(Link(node.target, n.target, bn, act, homog))
     return links
+
+
+def bn_after(model: nn.Module) -> dict[str, str]:
+    """``{conv fqn: fqn of the BatchNorm2d that is its sole consumer}`` for every Conv2d followed directly by a BN."""
+    gm = _trace(model)
+    mods = dict(gm.named_modules())
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(mods[node.target], nn.Conv2d):
+            n = _sole_user(node)
+            if n is not None and n.op == "call_module" and isinstance(mods[n.target], nn.BatchNorm2d):
+                out[node.target] = n.target
+    return out
 
 
 def find_pairs(links: list[Link]) -> list[Link]:

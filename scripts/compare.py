@@ -25,7 +25,7 @@ from dfmpc_deploy.config import QuantConfig, parse_bits  # noqa: E402
 from dfmpc_deploy.evaluate import accuracy  # noqa: E402
 from dfmpc_deploy.methods import METHODS, run_method  # noqa: E402
 from _cifar import MODELS, load_case  # noqa: E402
-from dfmpc_deploy.pack import save_packed  # noqa: E402
+from dfmpc_deploy.pack import code_nbytes, save_packed  # noqa: E402
 
 
 
@@ -36,13 +36,17 @@ def main() -> None:
     ap.add_argument("--bits", default="2/6")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on N evenly spaced images (default all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--finetune-steps", type=int, default=QuantConfig.finetune_steps,
+                    help="gdfq's budget: generator + fine-tuning iterations (batch 32)")
     ap.add_argument("--note", default="", help="free text for the table header and the JSON (e.g. machine load)")
     ap.add_argument("--out", default=str(ROOT / "results" / "compare.json"))
     args = ap.parse_args()
-    cfg = QuantConfig(bits=parse_bits(args.bits), seed=args.seed)
+    cfg = QuantConfig(bits=parse_bits(args.bits), seed=args.seed, finetune_steps=args.finetune_steps)
     n_label = f"{args.limit} evenly spaced" if args.limit else "all 10,000"
     header = [f"CIFAR-10 test JPEGs ({n_label} images), weights {cfg.bits}, activations FP32, "
-              f"threads {torch.get_num_threads()}" + (f"; {args.note}" if args.note else ""), "",
+              f"threads {torch.get_num_threads()}; size budget: the fixed {cfg.bits} pairing's packed file "
+              f"(dfmpc-alloc chooses per-layer widths {cfg.bits.low}..{cfg.bits.high} within it); gdfq: "
+              f"{cfg.finetune_steps} steps of batch 32" + (f"; {args.note}" if args.note else ""), "",
               "| model | method | data used | fine-tuning | bits | packed size (bytes) | top-1 % | top-5 % "
               "| wall time (s) |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -73,7 +77,15 @@ def main() -> None:
                        "fine_tuning": spec.fine_tuning, "description": spec.description, "estimator": mp.estimator,
                        "config": {k: v for k, v in vars(mp.config).items() if k != "bits"},
                        "info": {k: v for k, v in mp.info.items() if isinstance(v, (int, float, str))}}
-            table.append(f"| {key} | {m} | {spec.data_used} | {'yes' if spec.fine_tuning else 'no'} | {cfg.bits} | "
+            alloc = mp.info.get("allocation")
+            avg = 8 * sum(code_nbytes(q.bits, q.numel) for q in mp.layers.values()) / sum(
+                q.numel for q in mp.layers.values())
+            bits = f"mixed {cfg.bits.low}..{cfg.bits.high} ({avg:.2f}/w)" if alloc else f"{cfg.bits} ({avg:.2f}/w)"
+            rows[m]["avg_code_bits"] = round(avg, 4)
+            if alloc:
+                rows[m]["allocation"] = alloc
+                rows[m]["layer_bits"] = {n: q.bits for n, q in mp.layers.items()}
+            table.append(f"| {key} | {m} | {spec.data_used} | {'yes' if spec.fine_tuning else 'no'} | {bits} | "
                          f"{packed} | {acc['top1']:.2f} | {acc['top5']:.2f} | {wall:.1f} |")
             print(table[-1], flush=True)
         results["models"][key] = {"model": name, "n": fp["n"], "methods": rows}

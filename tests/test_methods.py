@@ -14,7 +14,7 @@ from dfmpc_deploy.pack import save_packed
 from tests.conftest import example_inputs, make_tiny_net
 
 SHAPE = (3, 16, 16)
-CFG = QuantConfig(synth_samples=16, synth_steps=20)  # small synthesis budget: the tests check properties, not accuracy
+CFG = QuantConfig(synth_samples=16, synth_steps=20, finetune_steps=8)  # small synthesis budget: the tests check properties, not accuracy
 
 
 def _rel_err(model, ref, x):
@@ -31,7 +31,8 @@ def runs():
 
 def test_registry_metadata():
     expect = {"rtn": ("none", False), "dfq": ("none", False), "dfmpc": ("synthetic", False),
-              "dfmpc-paper": ("none", False), "zeroq": ("synthetic", False)}
+              "dfmpc-paper": ("none", False), "zeroq": ("synthetic", False), "gdfq": ("synthetic", True),
+              "dfmpc-alloc": ("synthetic", False)}
     assert {n: (s.data_used, s.fine_tuning) for n, s in METHODS.items()} == expect
     assert all(s.name == n and s.description for n, s in METHODS.items())
 
@@ -52,17 +53,19 @@ def test_every_method_quantizes_and_beats_rtn_where_expected(runs):
     x = example_inputs(128)
     errs = {n: _rel_err(mp.module, net, x) for n, mp in mps.items()}
     assert all(e > 1e-6 for e in errs.values()), f"some method returned the FP model: {errs}"
-    for n in ("dfq", "zeroq", "dfmpc"):
+    for n in ("dfq", "zeroq", "dfmpc", "dfmpc-alloc"):
         assert errs[n] < 0.5 * errs["rtn"], f"{n} output error {errs[n]:.4f} not below RTN's {errs['rtn']:.4f}"
 
 
 def test_same_layers_same_bits_same_code_bytes(runs, tmp_path):
     _, mps = runs
-    plans = {n: {f: (q.role, q.bits) for f, q in mp.layers.items()} for n, mp in mps.items()}
+    fixed = {n: mp for n, mp in mps.items() if n != "dfmpc-alloc"}  # the allocation chooses its own widths
+    plans = {n: {f: (q.role, q.bits) for f, q in mp.layers.items()} for n, mp in fixed.items()}
     assert all(p == plans["rtn"] for p in plans.values())
     sizes = {n: save_packed(mp, tmp_path / f"{n}.dfpk") for n, mp in mps.items()}
     for key in ("low_bit_codes", "high_bit_codes"):
-        assert len({s[key] for s in sizes.values()}) == 1, {n: s[key] for n, s in sizes.items()}
+        assert len({s[key] for n, s in sizes.items() if n in fixed}) == 1, {n: s[key] for n, s in sizes.items()}
+    assert sizes["dfmpc-alloc"]["packed"] <= sizes["rtn"]["packed"]  # same size budget as the fixed pairing
 
 
 def test_cle_is_exact_and_equalises_ranges():
