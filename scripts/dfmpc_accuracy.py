@@ -10,7 +10,6 @@ reference, never a default). Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace

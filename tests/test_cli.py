@@ -188,3 +188,48 @@ def test_disk_full_while_writing(capsys, tmp_path, monkeypatch):
     assert code == 1 and "No space left on device" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists() and not _no_partial(tmp_path)
     assert [p for p in tmp_path.rglob("*")] == []
+
+
+_FAST = ("--synth-samples", "4", "--synth-steps", "2")
+
+
+def test_method_override_is_warned_and_noted(capsys, tmp_path):
+    code, _, err = _run(capsys, "build", "resnet20_cifar10_optA", "--weights", "random", "--method", "zeroq",
+                        "--rounding", "gptq", "--finetune-steps", "5", *_FAST, "--out", str(tmp_path / "o"), "-q")
+    assert code == 0, err
+    assert "warning: --rounding gptq is replaced by zeroq's nearest" in err
+    assert "warning: --finetune-steps is not used by zeroq" in err
+    notes = json.loads((tmp_path / "o" / "report.json").read_text())["notes"]
+    assert "--method zeroq: --rounding gptq is replaced by zeroq's nearest" in notes
+
+
+def test_no_override_warning_without_user_flags(capsys, tmp_path):
+    code, _, err = _run(capsys, "build", "resnet20_cifar10_optA", "--weights", "random", "--method", "zeroq",
+                        *_FAST, "--out", str(tmp_path / "o"), "-q")
+    assert code == 0 and "warning" not in err, err
+
+
+def test_size_budget_build(capsys, tmp_path):
+    code, stdout, err = _run(capsys, "build", "resnet20_cifar10_optA", "--weights", "random", "--size-budget-mb",
+                             "0.15", *_FAST, "--out", str(tmp_path / "o"), "--json")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["size_bytes"]["packed"] == (tmp_path / "o" / "model.dfmpc").stat().st_size <= 150_000
+    assert rep["allocation"]["budget_bytes"] == 150_000 and rep["bits"].startswith("mixed 2..6")
+    assert len({layer["bits"] for layer in rep["layers"]}) >= 2
+
+
+def test_size_budget_too_small_is_one_line(capsys, tmp_path):
+    code, _, err = _run(capsys, "build", "resnet20_cifar10_optA", "--weights", "random", "--size-budget-mb",
+                        "0.01", *_FAST, "--out", str(tmp_path / "o"))
+    assert code == 1 and len(_one_line(err)) == 1 and "raise the budget" in err, err
+    assert not (tmp_path / "o").exists() and not _no_partial(tmp_path)
+
+
+@pytest.mark.parametrize("flags, msg", [(("--size-budget-mb", "abc"), "not a positive number"),
+                                        (("--size-budget-mb", "1", "--avg-bits", "3"), "not both"),
+                                        (("--avg-bits", "9"), "avg-bits")])
+def test_bad_budget_flags_are_usage_errors(capsys, tmp_path, flags, msg):
+    code, _, err = _run(capsys, "build", "resnet20_cifar10_optA", "--weights", "random", *flags,
+                        "--out", str(tmp_path / "o"))
+    assert code == 2 and msg in err and "Traceback" not in err, err
