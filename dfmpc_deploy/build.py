@@ -105,6 +105,12 @@ def _relative_paths(obj, tmp: Path):
     return obj
 
 
+def _stage_label(method: str, qcfg: QuantConfig) -> str:
+    if METHODS[method].fine_tuning:
+        return f"{method}: train"
+    return "synthesise + score" if qcfg.allocating or method == "dfmpc-alloc" else "synthesise inputs"
+
+
 def _task(progress, label):
     return progress.task(label) if progress is not None else None
 
@@ -139,7 +145,7 @@ def _run(cfg, tmp, progress, accuracy, load_model, warn) -> dict:
 
     t = time.perf_counter()
     mp = METHODS[cfg.method].run(lm.module, cfg.quant, input_shape, arch=cfg.model, real_inputs=real,
-                                 progress=_task(progress, "synthesise inputs"))
+                                 progress=_task(progress, _stage_label(cfg.method, qcfg)))
     timings["compensate"] = round(time.perf_counter() - t, 3)
     log.info("compensated %s in %.2f s (%s)", cfg.model, timings["compensate"], mp.estimator)
 

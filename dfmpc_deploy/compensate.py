@@ -181,7 +181,7 @@ def compensate(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, 
                              "(default, data-free) or real")
         info["allocation"] = _allocate_(model, qmodel, layers, inputs, cfg, bn_map,
                                         MixedPrecisionModel(qmodel, layers, arch or type(model).__name__, cfg,
-                                                            estimator))
+                                                            estimator), progress)
     bn_all = [n for n, m in qmodel.named_modules() if isinstance(m, nn.BatchNorm2d)]
     bn_low = [bn_map[q.fqn] for q in layers.values() if q.role == "low" and q.fqn in bn_map]
     scope = bn_all if cfg.recal_scope == "all" else bn_low
@@ -216,7 +216,8 @@ def compensate(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, 
 
 
 def _allocate_(model: nn.Module, qmodel: nn.Module, layers: dict[str, QuantLayer], inputs: torch.Tensor,
-               cfg: QuantConfig, bn_map: dict[str, str], probe: MixedPrecisionModel) -> dict:
+               cfg: QuantConfig, bn_map: dict[str, str], probe: MixedPrecisionModel,
+               progress: Callable | None = None) -> dict:
     """In place: re-quantize ``layers`` (and ``qmodel``'s weights) to the widths chosen under the budget.
 
     A layer below the high width becomes role ``low`` (re-estimated BN, error feedback, grid search, as the low
@@ -230,7 +231,7 @@ def _allocate_(model: nn.Module, qmodel: nn.Module, layers: dict[str, QuantLayer
     names = list(layers)
     cands = list(range(cfg.bits.low, cfg.bits.high + 1))
     first = {n: (q.role, q.partner) for n, q in layers.items()}
-    scores = layer_sensitivity(model, names, inputs, cands, cfg.bits.high, bn_map, cfg.per_channel)
+    scores = layer_sensitivity(model, names, inputs, cands, cfg.bits.high, bn_map, cfg.per_channel, progress)
     sizes = {n: {b: code_nbytes(b, layers[n].numel) for b in cands} for n in names}
     fp = dict(model.named_modules())
 
