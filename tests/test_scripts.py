@@ -1,0 +1,23 @@
+"""The measurement scripts still run end to end (tiny budgets: the numbers are checked for shape, not quality)."""
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT, needs_shared
+
+
+@needs_shared
+def test_compare_prints_one_row_per_method_and_writes_json(tmp_path):
+    out = tmp_path / "c.json"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), "--models", "resnet20", "--limit", "40",
+                          "--methods", "rtn", "gdfq", "--finetune-steps", "2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| resnet20 |")]
+    assert len(rows) == 2 * 3  # fp32 + 2 methods, printed as they finish and again as one table
+    data = json.loads(out.read_text())["models"]["resnet20"]["methods"]
+    assert set(data) == {"fp32", "rtn", "gdfq"}
+    assert data["gdfq"]["fine_tuning"] is True and data["rtn"]["fine_tuning"] is False
+    for m in ("rtn", "gdfq"):
+        assert {"top1", "size_bytes", "wall_seconds", "data_used", "avg_code_bits"} <= set(data[m])
+        assert data[m]["size_bytes"] < data["fp32"]["size_bytes"] / 5
