@@ -1,0 +1,80 @@
+"""Accuracy against size for sensitivity-based bit allocation (issue 5): DF-MPC with per-layer widths chosen under
+budgets that are fractions of the fixed low/high pairing's packed size.
+
+Prints a Markdown table and writes results/alloc_budget.json. The fixed pairing's row (fraction "fixed") is the
+default pipeline at the same seed, for reference. Usage:
+
+    python scripts/alloc_budget.py                                   # resnet20 + resnet56, 0.8 0.9 1.0 1.2
+    python scripts/alloc_budget.py --models resnet20 --fractions 0.9 1.1 --limit 2000
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dfmpc_deploy._io import atomic_write_json  # noqa: E402
+from dfmpc_deploy.compensate import compensate  # noqa: E402
+from dfmpc_deploy.config import QuantConfig, parse_bits  # noqa: E402
+from dfmpc_deploy.evaluate import accuracy  # noqa: E402
+from dfmpc_deploy.methods import method_config  # noqa: E402
+from dfmpc_deploy.pack import code_nbytes, packed_nbytes, save_packed  # noqa: E402
+from _cifar import MODELS, load_case  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.8, 0.9, 1.0, 1.2])
+    ap.add_argument("--bits", default="2/6", help="candidate widths LOW..HIGH (and the fixed pairing's bits)")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "results" / "alloc_budget.json"))
+    args = ap.parse_args()
+    cfg = QuantConfig(bits=parse_bits(args.bits), seed=args.seed)
+    lines = [f"CIFAR-10 test JPEGs ({args.limit or 'all 10,000'} images), candidate widths {cfg.bits.low}..{cfg.bits.high}, "
+             f"seed {args.seed}, threads {torch.get_num_threads()}", "",
+             "| model | budget | packed bytes | code bits/weight | widths (count per bit) | top-1 % | wall time s |",
+             "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    out = {"bits": args.bits, "seed": args.seed, "limit": args.limit, "models": {}}
+    for key in args.models:
+        name, lm, data = load_case(key, args.limit)
+        shape = (3, lm.spec.input_size, lm.spec.input_size)
+        fixed_size = packed_nbytes(compensate(lm.module, method_config("rtn", cfg), shape, arch=name))
+        rows = []
+        for frac in [None, *args.fractions]:
+            run_cfg = cfg if frac is None else replace(cfg, size_budget_bytes=int(fixed_size * frac))
+            t = time.perf_counter()
+            mp = compensate(lm.module, run_cfg, shape, arch=name)
+            wall = time.perf_counter() - t
+            with tempfile.TemporaryDirectory() as tmp:
+                packed = save_packed(mp, Path(tmp) / "m.dfmpc")["packed"]
+            acc = accuracy(mp.module, data)
+            hist: dict[int, int] = {}
+            for q in mp.layers.values():
+                hist[q.bits] = hist.get(q.bits, 0) + 1
+            numel = sum(q.numel for q in mp.layers.values())
+            avg = 8 * sum(code_nbytes(q.bits, q.numel) for q in mp.layers.values()) / numel
+            label = f"fixed {cfg.bits} pairs" if frac is None else f"{frac:.2f} x fixed"
+            rows.append({"budget": label, "budget_bytes": run_cfg.size_budget_bytes, "packed_bytes": packed,
+                         "avg_code_bits": round(avg, 4), "bits_histogram": {str(b): n for b, n in sorted(hist.items())},
+                         **acc, "wall_seconds": round(wall, 1)})
+            lines.append(f"| {key} | {label} | {packed} | {avg:.2f} | "
+                         f"{', '.join(f'{b}b:{n}' for b, n in sorted(hist.items()))} | {acc['top1']:.2f} | {wall:.1f} |")
+            print(lines[-1], flush=True)
+        out["models"][key] = {"model": name, "fixed_pairing_bytes": fixed_size, "rows": rows}
+    atomic_write_json(args.out, out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
