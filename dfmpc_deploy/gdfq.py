@@ -12,6 +12,10 @@ What runs, following the authors' trainer (xushoukai/GDFQ ``trainer.py`` and ``c
   authors' trainer). SGD with Nesterov momentum 0.9 and weight decay 1e-4.
 * Schedule: ``warmup`` generator-only steps, then generator and student step together, as the authors' 4 warm-up
   epochs then joint training.
+* Ours, for stability at low bits with batch 32: the student's gradient norm is clipped to ``clip_norm`` (5), and a
+  step whose loss is not finite is skipped (counted in ``info``). Without clipping, 3/6 on ResNet-20 diverged to NaN
+  within 10 student steps (gradient norm 14 -> 66,803), because a layer-wise DoReFa range moves with its largest
+  weight and feeds back through the straight-through estimator.
 
 Where the budget differs from the paper (400 epochs x 200 iterations of batch 200 on a GPU): ``steps`` iterations
 of batch ``batch`` on the CPU, and the student's learning rate is 1e-3 instead of 1e-4 with a cosine decay, because
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -52,6 +57,7 @@ class GdfqConfig:
     lr_s: float = 1e-3
     temperature: float = 20.0
     bns_weight: float = 0.1
+    clip_norm: float = 5.0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.warmup < 0 or self.batch < 2:
@@ -156,6 +162,7 @@ def gdfq(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, int], 
     take, remove = bns_loss(teacher)
     total = gcfg.warmup + joint if gcfg.steps else 0
     last_g = last_s = float("nan")
+    skipped = 0
     T = gcfg.temperature
     try:
         for step in range(total):
@@ -175,10 +182,14 @@ def gdfq(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, int], 
                 kd = F.kl_div(F.log_softmax(s_out / T, 1), F.softmax(t_out.detach() / T, 1), reduction="batchmean")
                 loss_s = F.cross_entropy(s_out, y) + T * T * kd / num_classes  # authors: KLDivLoss 'mean' x T^2
                 opt_s.zero_grad(set_to_none=True)
-                loss_s.backward()
-                opt_s.step()
-                sched.step()
                 last_s = float(loss_s.detach())
+                if math.isfinite(last_s):
+                    loss_s.backward()
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), gcfg.clip_norm)
+                    opt_s.step()
+                else:
+                    skipped += 1
+                sched.step()
             if progress:
                 progress(step + 1, total, last_g if step < gcfg.warmup else last_s)
     finally:
@@ -196,6 +207,7 @@ def gdfq(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, int], 
                  f"student fine-tuned {joint if gcfg.steps else 0} steps; no data)")
     info = {"gdfq_steps": total, "gdfq_batch": gcfg.batch, "finetune_steps": joint if gcfg.steps else 0,
             "generator_loss_final": round(last_g, 5), "student_loss_final": round(last_s, 5),
+            "skipped_nonfinite_steps": skipped,
             "total_seconds": round(seconds, 3)}
     log.info("gdfq: %d steps in %.1f s", total, seconds)
     return MixedPrecisionModel(student, layers, arch or type(model).__name__, cfg, estimator, info)
