@@ -37,8 +37,14 @@ def render_markdown(rep: dict) -> str:
     lines = [f"# dfmpc-deploy build: {rep['model']}", ""]
     lines.append(f"- weights: {rep['weights']}" + ("  **(random weights: accuracy is meaningless)**"
                                                     if rep["weights"] == "random" else ""))
-    lines.append(f"- bits: {rep['bits']}  (low = {'ternary' if rep['bits'].startswith('2/') else 'DoReFa'},"
-                 f" high = DoReFa; activations FP32)")
+    alloc = rep.get("allocation")
+    if alloc:
+        hist = ", ".join(f"{n} layers at {b} bits" for b, n in alloc["bits_histogram"].items())
+        lines.append(f"- bits: {rep['bits']}, chosen per layer by data-free sensitivity within "
+                     f"{alloc['budget_bytes']} bytes: {hist} (2 = ternary; activations FP32)")
+    else:
+        lines.append(f"- bits: {rep['bits']}  (low = {'ternary' if rep['bits'].startswith('2/') else 'DoReFa'},"
+                     f" high = DoReFa; activations FP32)")
     lines.append(f"- method: {rep['method']}; BN statistics estimator: {rep['estimator']}")
     lines.append(f"- compensation config: {rep['config']}")
     acc = rep.get("accuracy")

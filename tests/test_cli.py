@@ -217,6 +217,7 @@ def test_size_budget_build(capsys, tmp_path):
     assert rep["size_bytes"]["packed"] == (tmp_path / "o" / "model.dfmpc").stat().st_size <= 150_000
     assert rep["allocation"]["budget_bytes"] == 150_000 and rep["bits"].startswith("mixed 2..6")
     assert len({layer["bits"] for layer in rep["layers"]}) >= 2
+    assert "chosen per layer by data-free sensitivity within 150000 bytes" in (tmp_path / "o" / "report.md").read_text()
 
 
 def test_size_budget_too_small_is_one_line(capsys, tmp_path):
