@@ -15,13 +15,11 @@ from typing import Sequence
 from . import __version__
 from .config import QuantConfig, parse_bits
 from .errors import DfmpcError, UsageError
-from .methods import METHODS
+from .methods import FLAGS, METHODS
 
 __all__ = ["main", "SUBCOMMANDS"]
 
 log = logging.getLogger("dfmpc_deploy")
-
-_BUILD_PARSER: list[argparse.ArgumentParser] = []
 
 _BUILD_EXAMPLE = """example:
   dfmpc-deploy build resnet56_cifar10_optA \\
@@ -60,22 +58,10 @@ def _positive_float(text: str) -> float:
     return v
 
 
-#: build flag dest -> QuantConfig field, for telling which flags the user set (override warnings)
-_QCFG_FIELDS = {"c_mode": ("compensation", "c_mode"), "recal": ("recal",), "recal_scope": ("recal_scope",),
-                "rounding": ("rounding",), "per_channel": ("per_channel",), "synth_samples": ("synth_samples",),
-                "synth_steps": ("synth_steps",), "lambda1": ("lambda1",), "lambda2": ("lambda2",),
-                "size_budget_mb": ("size_budget_bytes",), "avg_bits": ("avg_bits",),
-                "finetune_steps": ("finetune_steps",)}
-
-
-def _explicit_fields(parser: argparse.ArgumentParser, argv: Sequence[str]) -> frozenset[str]:
-    """QuantConfig fields whose build flags appear in ``argv`` (given by the user, whatever the value)."""
+def _explicit_fields(argv: Sequence[str]) -> frozenset[str]:
+    """QuantConfig fields whose build flags (methods.FLAGS) appear in ``argv``, whatever the value given."""
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    out: set[str] = set()
-    for action in parser._actions:
-        if set(action.option_strings) & given and action.dest in _QCFG_FIELDS:
-            out.update(_QCFG_FIELDS[action.dest])
-    return frozenset(out)
+    return frozenset(f for f, flag in FLAGS.items() if flag in given)
 
 
 def _add_build(sub) -> None:
@@ -129,7 +115,6 @@ def _add_build(sub) -> None:
     p.add_argument("--unsafe-pickle", action="store_true",
                    help="allow full unpickling of a --weights file you trust (default: tensors only)")
     p.set_defaults(func=_cmd_build)
-    _BUILD_PARSER[:] = [p]
 
 
 def _cmd_build(args) -> int:
@@ -151,7 +136,7 @@ def _cmd_build(args) -> int:
                       limit=args.limit, mean=args.mean, std=args.std, targets=tuple(args.target),
                       batch_sizes=tuple(args.batch_sizes), out=args.out, force=args.force,
                       unsafe_pickle=args.unsafe_pickle, pack=not args.no_pack, compress=args.compress,
-                      explicit=_explicit_fields(_BUILD_PARSER[0], sys.argv[1:] if args.argv is None else args.argv))
+                      explicit=_explicit_fields(sys.argv[1:] if args.argv is None else args.argv))
     with Progress(enabled=None if not args.quiet else False) as prog:
         rep = run_build(cfg, progress=prog, warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
     if args.json:
