@@ -175,12 +175,10 @@ def _run(cfg, tmp, progress, accuracy, load_model, warn) -> dict:
         timings["evaluate"] = round(time.perf_counter() - t, 3)
         rep["accuracy"] = acc
 
-    n_params = sum(p.numel() for p in lm.module.parameters())
-    n_buffers = sum(b.numel() for n, b in lm.module.named_buffers() if not n.endswith("num_batches_tracked"))
-    sizes = {"fp32": 4 * (n_params + n_buffers)}
+    from .pack import fp32_nbytes, save_packed
+    sizes = {"fp32": fp32_nbytes(lm.module)}
     if cfg.pack:
         t = time.perf_counter()
-        from .pack import save_packed
         pack_info = save_packed(mp, tmp / "model.dfmpc", compress=cfg.compress)
         byte_keys = ("fp32", "packed", "low_bit_codes", "high_bit_codes", "scales", "float_tensors", "metadata",
                      "theoretical", "theoretical_min")

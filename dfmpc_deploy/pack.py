@@ -84,7 +84,7 @@ from .models import get_spec
 
 __all__ = ["FORMAT_VERSION", "CodeLayout", "pack_ternary2", "unpack_ternary2", "pack_ternary_base3",
            "unpack_ternary_base3", "pack_kbit", "unpack_kbit", "save_packed", "load_packed", "packed_size_report",
-           "inspect_packed", "code_nbytes", "packed_nbytes"]
+           "inspect_packed", "code_nbytes", "packed_nbytes", "fp32_nbytes"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -415,7 +415,7 @@ def save_packed(mp: MixedPrecisionModel, path: str | os.PathLike,
     log.info("Packing %s (%d layers, bits %s) -> %s", mp.arch, len(mp.layers), mp.config.bits, path)
     data = _file_bytes(mp, layout, bool(compress))
     atomic_write_with(path, lambda tmp: _write_chunks(tmp, data))
-    report = _size_report(_parse(data, str(path)), _fp32_bytes(mp.module))
+    report = _size_report(_parse(data, str(path)), fp32_nbytes(mp.module))
     log.info("Finished packing in %.3f seconds: %d bytes (%.2f bits/weight, x%.1f smaller than fp32)",
              time.perf_counter() - t0, report["packed"], report["bits_per_weight"], report["compression"])
     return report
@@ -512,7 +512,8 @@ def _config(meta: dict, path) -> QuantConfig:
         raise BadFileError(f"{path}: bad bits {meta['bits']!r} in the metadata") from err
 
 
-def _fp32_bytes(module: nn.Module) -> int:
+def fp32_nbytes(module: nn.Module) -> int:
+    """The FP32 reference size of ``module`` (:data:`FP32_RULE`)."""
     return sum(4 * v.numel() for v in module.state_dict().values() if v.is_floating_point())
 
 
@@ -556,7 +557,7 @@ def packed_size_report(mp: MixedPrecisionModel | None, path: str | os.PathLike) 
         with ternary at log2(3) bits, + scales + float tensors, no header), ``compression`` and the matching
         ``bits_per_weight`` (effective), ``bits_per_weight_theoretical`` and ``bits_per_weight_min`` floats.
     """
-    return _size_report(_read(path), _fp32_bytes(mp.module) if mp is not None else None)
+    return _size_report(_read(path), fp32_nbytes(mp.module) if mp is not None else None)
 
 
 def inspect_packed(path: str | os.PathLike) -> str:

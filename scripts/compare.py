@@ -25,7 +25,7 @@ from dfmpc_deploy.config import QuantConfig, parse_bits  # noqa: E402
 from dfmpc_deploy.evaluate import accuracy  # noqa: E402
 from dfmpc_deploy.methods import METHODS, run_method  # noqa: E402
 from _cifar import MODELS, load_case  # noqa: E402
-from dfmpc_deploy.pack import code_nbytes, save_packed  # noqa: E402
+from dfmpc_deploy.pack import code_nbytes, fp32_nbytes, save_packed  # noqa: E402
 
 
 
@@ -59,10 +59,9 @@ def main() -> None:
         s = lm.spec
         shape = (3, s.input_size, s.input_size)
         fp = accuracy(lm.module, data)
-        n_params = sum(p.numel() for p in lm.module.parameters())
-        n_buf = sum(b.numel() for k, b in lm.module.named_buffers() if not k.endswith("num_batches_tracked"))
-        rows = {"fp32": {**fp, "size_bytes": 4 * (n_params + n_buf), "data_used": "-", "fine_tuning": False}}
-        table.append(f"| {key} | fp32 | - | - | 32 | {4 * (n_params + n_buf)} | {fp['top1']:.2f} | "
+        fp_size = fp32_nbytes(lm.module)
+        rows = {"fp32": {**fp, "size_bytes": fp_size, "data_used": "-", "fine_tuning": False}}
+        table.append(f"| {key} | fp32 | - | - | 32 | {fp_size} | {fp['top1']:.2f} | "
                      f"{fp['top5']:.2f} | - |")
         print(table[-1], flush=True)
         for m in args.methods:
