@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import MixedPrecisionModel, QuantLayer
+from .artifacts import MixedPrecisionModel
+from .compensate import _set_weights_, quantize_layers
 from .config import QuantConfig
-from .pairing import plan_roles
 from .quantizers import dequantize, quantize_weight
 
 __all__ = ["GdfqConfig", "Generator", "gdfq", "bns_loss"]
@@ -116,12 +116,11 @@ def bns_loss(model: nn.Module) -> tuple[Callable[[], torch.Tensor], Callable[[],
     return take, remove
 
 
-def _ste_weights(student: nn.Module, bits: dict[str, int], per_channel: bool) -> dict[str, torch.Tensor]:
-    """Quantized weights with a straight-through gradient to the latent float weights."""
-    mods = dict(student.named_modules())
+def _ste_weights(targets: list[tuple[str, nn.Module, int]], per_channel: bool) -> dict[str, torch.Tensor]:
+    """Quantized weights of ``(fqn, module, bits)`` with a straight-through gradient to the latent float weights."""
     out = {}
-    for name, b in bits.items():
-        w = mods[name].weight
+    for name, mod, b in targets:
+        w = mod.weight
         q = dequantize(*quantize_weight(w.detach(), b, per_channel))
         out[f"{name}.weight"] = w + (q - w).detach()
     return out
@@ -149,12 +148,12 @@ def gdfq(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, int], 
         p.requires_grad_(False)
     with torch.no_grad():
         num_classes = teacher(torch.zeros(2, *input_shape)).shape[1]
-    roles, _ = plan_roles(teacher)
-    bits = {r.fqn: cfg.bits.low if r.role == "low" else cfg.bits.high for r in roles}
     gen = Generator(num_classes, input_shape[1], input_shape[0], gcfg.latent_dim)
     student = copy.deepcopy(model).eval()  # eval: BN statistics frozen, as the authors' trainer
     for p in student.parameters():
         p.requires_grad_(True)
+    mods = dict(student.named_modules())
+    targets = [(n, mods[n], q.bits) for n, q in quantize_layers(teacher, cfg)[0].items()]  # DF-MPC's roles/bits
     opt_g = torch.optim.Adam(gen.parameters(), lr=gcfg.lr_g, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=gcfg.lr_s, momentum=0.9, nesterov=True, weight_decay=1e-4)
     joint = max(1, gcfg.steps - gcfg.warmup)
@@ -177,7 +176,7 @@ def gdfq(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, int], 
             opt_g.step()
             last_g = float(loss_g.detach())
             if step >= gcfg.warmup:
-                s_out = torch.func.functional_call(student, _ste_weights(student, bits, cfg.per_channel),
+                s_out = torch.func.functional_call(student, _ste_weights(targets, cfg.per_channel),
                                                    (x.detach(),))
                 kd = F.kl_div(F.log_softmax(s_out / T, 1), F.softmax(t_out.detach() / T, 1), reduction="batchmean")
                 loss_s = F.cross_entropy(s_out, y) + T * T * kd / num_classes  # authors: KLDivLoss 'mean' x T^2
@@ -195,13 +194,8 @@ def gdfq(model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, int], 
     finally:
         remove()
     student.requires_grad_(False)
-    layers = {}
-    mods = dict(student.named_modules())
-    with torch.no_grad():
-        for r in roles:
-            codes, scale = quantize_weight(mods[r.fqn].weight, bits[r.fqn], cfg.per_channel)
-            layers[r.fqn] = QuantLayer(r.fqn, r.kind, r.role, bits[r.fqn], codes, scale, partner=r.partner)
-            mods[r.fqn].weight.copy_(layers[r.fqn].weight())
+    layers, _ = quantize_layers(student, cfg)  # codes from the final latent weights
+    _set_weights_(student, layers)
     seconds = time.perf_counter() - t0
     estimator = (f"GDFQ generator samples ({total} steps x batch {gcfg.batch}, {gcfg.warmup} generator warm-up; "
                  f"student fine-tuned {joint if gcfg.steps else 0} steps; no data)")
