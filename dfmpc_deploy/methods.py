@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from .artifacts import MixedPrecisionModel
 
-__all__ = ["MethodSpec", "METHODS", "DATA_USED", "method_config", "run_method", "method_overrides"]
+__all__ = ["MethodSpec", "METHODS", "DATA_USED", "method_config", "run_method", "method_overrides", "fixed_pairing_bytes"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -89,7 +89,7 @@ def _gdfq(model, cfg, input_shape, arch=None, progress=None, **_):
     return gdfq(model, cfg, input_shape, arch=arch, progress=progress)
 
 
-def _fixed_pairing_bytes(model, cfg: QuantConfig, arch: str | None) -> int:
+def fixed_pairing_bytes(model, cfg: QuantConfig, arch: str | None) -> int:
     """Packed size of ``model`` under the fixed low/high pairing at ``cfg.bits`` (round-to-nearest: same size)."""
     from .compensate import compensate
     from .pack import packed_nbytes
@@ -99,7 +99,7 @@ def _fixed_pairing_bytes(model, cfg: QuantConfig, arch: str | None) -> int:
 def _dfmpc_alloc(model, cfg, input_shape, arch=None, **kwargs):
     from .compensate import compensate
     if not cfg.allocating:
-        cfg = replace(cfg, size_budget_bytes=_fixed_pairing_bytes(model, cfg, arch))
+        cfg = replace(cfg, size_budget_bytes=fixed_pairing_bytes(model, cfg, arch))
     return compensate(model, cfg, input_shape, arch=arch, **kwargs)
 
 

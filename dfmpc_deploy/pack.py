@@ -68,6 +68,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ from .models import get_spec
 
 __all__ = ["FORMAT_VERSION", "CodeLayout", "pack_ternary2", "unpack_ternary2", "pack_ternary_base3",
            "unpack_ternary_base3", "pack_kbit", "unpack_kbit", "save_packed", "load_packed", "packed_size_report",
-           "inspect_packed", "code_nbytes", "packed_nbytes", "fp32_nbytes"]
+           "inspect_packed", "code_nbytes", "packed_nbytes", "fp32_nbytes", "avg_code_bits"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -510,6 +511,12 @@ def _config(meta: dict, path) -> QuantConfig:
         return QuantConfig(bits=parse_bits(meta["bits"]))
     except DfmpcError as err:
         raise BadFileError(f"{path}: bad bits {meta['bits']!r} in the metadata") from err
+
+
+def avg_code_bits(layers: Iterable[QuantLayer]) -> float:
+    """Average bits per weight of the dense integer-code payloads of ``layers`` (ternary counts 1.6)."""
+    layers = list(layers)
+    return 8 * sum(code_nbytes(q.bits, q.numel) for q in layers) / max(1, sum(q.numel for q in layers))
 
 
 def fp32_nbytes(module: nn.Module) -> int:

@@ -25,8 +25,8 @@ from dfmpc_deploy._io import atomic_write_json  # noqa: E402
 from dfmpc_deploy.compensate import compensate  # noqa: E402
 from dfmpc_deploy.config import QuantConfig, parse_bits  # noqa: E402
 from dfmpc_deploy.evaluate import accuracy  # noqa: E402
-from dfmpc_deploy.methods import method_config  # noqa: E402
-from dfmpc_deploy.pack import code_nbytes, packed_nbytes, save_packed  # noqa: E402
+from dfmpc_deploy.methods import fixed_pairing_bytes  # noqa: E402
+from dfmpc_deploy.pack import avg_code_bits, save_packed  # noqa: E402
 from _cifar import MODELS, load_case  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     for key in args.models:
         name, lm, data = load_case(key, args.limit)
         shape = (3, lm.spec.input_size, lm.spec.input_size)
-        fixed_size = packed_nbytes(compensate(lm.module, method_config("rtn", cfg), shape, arch=name))
+        fixed_size = fixed_pairing_bytes(lm.module, cfg, name)
         rows = []
         for frac in [None, *args.fractions]:
             run_cfg = cfg if frac is None else replace(cfg, size_budget_bytes=int(fixed_size * frac))
@@ -62,8 +62,7 @@ def main() -> None:
             hist: dict[int, int] = {}
             for q in mp.layers.values():
                 hist[q.bits] = hist.get(q.bits, 0) + 1
-            numel = sum(q.numel for q in mp.layers.values())
-            avg = 8 * sum(code_nbytes(q.bits, q.numel) for q in mp.layers.values()) / numel
+            avg = avg_code_bits(mp.layers.values())
             label = f"fixed {cfg.bits} pairs" if frac is None else f"{frac:.2f} x fixed"
             rows.append({"budget": label, "budget_bytes": run_cfg.size_budget_bytes, "packed_bytes": packed,
                          "avg_code_bits": round(avg, 4), "bits_histogram": {str(b): n for b, n in sorted(hist.items())},

@@ -25,7 +25,7 @@ from dfmpc_deploy.config import QuantConfig, parse_bits  # noqa: E402
 from dfmpc_deploy.evaluate import accuracy  # noqa: E402
 from dfmpc_deploy.methods import METHODS, run_method  # noqa: E402
 from _cifar import MODELS, load_case  # noqa: E402
-from dfmpc_deploy.pack import code_nbytes, fp32_nbytes, save_packed  # noqa: E402
+from dfmpc_deploy.pack import avg_code_bits, fp32_nbytes, save_packed  # noqa: E402
 
 
 
@@ -77,8 +77,7 @@ def main() -> None:
                        "config": {k: v for k, v in vars(mp.config).items() if k != "bits"},
                        "info": {k: v for k, v in mp.info.items() if isinstance(v, (int, float, str))}}
             alloc = mp.info.get("allocation")
-            avg = 8 * sum(code_nbytes(q.bits, q.numel) for q in mp.layers.values()) / sum(
-                q.numel for q in mp.layers.values())
+            avg = avg_code_bits(mp.layers.values())
             bits = f"mixed {cfg.bits.low}..{cfg.bits.high} ({avg:.2f}/w)" if alloc else f"{cfg.bits} ({avg:.2f}/w)"
             rows[m]["avg_code_bits"] = round(avg, 4)
             if alloc:
