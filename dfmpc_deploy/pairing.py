@@ -72,6 +72,12 @@ def _sole_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
+def _bn_user(node: fx.Node, mods: dict[str, nn.Module]) -> fx.Node | None:
+    """The BatchNorm2d node that is ``node``'s sole consumer, if there is one."""
+    n = _sole_user(node)
+    return n if n is not None and n.op == "call_module" and isinstance(mods[n.target], nn.BatchNorm2d) else None
+
+
 def find_links(model: nn.Module) -> list[Link]:
     """All conv -> [BN] -> [act] -> [pool] -> conv links of ``model``, in graph order."""
     gm = _trace(model)
@@ -82,7 +88,7 @@ def find_links(model: nn.Module) -> list[Link]:
             continue
         conv = mods[node.target]
         n, bn, act, homog = _sole_user(node), None, "identity", True
-        if n is not None and n.op == "call_module" and isinstance(mods[n.target], nn.BatchNorm2d):
+        if _bn_user(node, mods) is not None:
             bn, n = n.target, _sole_user(n)
         if n is not None and n.op == "call_module" and isinstance(mods[n.target], _ACTS):
             m = mods[n.target]
@@ -112,9 +118,9 @@ def bn_after(model: nn.Module) -> dict[str, str]:
     out = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(mods[node.target], nn.Conv2d):
-            n = _sole_user(node)
-            if n is not None and n.op == "call_module" and isinstance(mods[n.target], nn.BatchNorm2d):
-                out[node.target] = n.target
+            bn = _bn_user(node, mods)
+            if bn is not None:
+                out[node.target] = bn.target
     return out
 
 
