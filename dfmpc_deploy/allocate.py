@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -50,7 +49,6 @@ class Allocation:
         budget_bytes: the budget the codes (``avg_bits``) or the whole packed file (``size_budget``) had to fit.
         predicted_loss: ``sum_l S[l][bits[l]]`` (mean KL on the synthetic inputs, additive proxy).
         sensitivity: ``{fqn: {bits: score}}``.
-        seconds: wall time of scoring plus choosing.
     """
 
     bits: dict[str, int]
@@ -58,7 +56,6 @@ class Allocation:
     budget_bytes: int
     predicted_loss: float
     sensitivity: dict[str, dict[int, float]] = field(default_factory=dict)
-    seconds: float = 0.0
 
     def summary(self, numel: dict[str, int]) -> dict:
         """JSON-ready summary (histogram of widths, average code bits per weight)."""
@@ -68,7 +65,7 @@ class Allocation:
         n = sum(numel.values())
         return {"bits_histogram": dict(sorted(hist.items())), "code_bytes": self.code_bytes,
                 "budget_bytes": self.budget_bytes, "avg_code_bits": round(8 * self.code_bytes / max(1, n), 4),
-                "predicted_kl": round(self.predicted_loss, 6), "seconds": round(self.seconds, 3)}
+                "predicted_kl": round(self.predicted_loss, 6)}
 
 
 @torch.no_grad()
@@ -189,7 +186,6 @@ def fit_budget(scores: dict[str, dict[int, float]], sizes: dict[str, dict[int, i
     Raises:
         DfmpcError: when the budget cannot be met.
     """
-    t0 = time.perf_counter()
     code_budget = budget - overhead
     for _ in range(max_rounds):
         bits, loss = choose_bits(scores, sizes, code_budget)
@@ -202,4 +198,4 @@ def fit_budget(scores: dict[str, dict[int, float]], sizes: dict[str, dict[int, i
     else:
         raise DfmpcError(f"could not fit the packed file into {budget} bytes after {max_rounds} corrections")
     code = sum(sizes[n][b] for n, b in bits.items())
-    return Allocation(bits, code, budget, loss, scores, time.perf_counter() - t0)
+    return Allocation(bits, code, budget, loss, scores)
