@@ -27,7 +27,7 @@ class BNStats:
         return torch.sqrt(self.var + self.eps)
 
     @classmethod
-    def from_module(cls, bn: nn.BatchNorm2d) -> "BNStats":
+    def from_module(cls, bn: nn.BatchNorm2d) -> BNStats:
         c = bn.num_features
         gamma = bn.weight.detach() if bn.weight is not None else torch.ones(c)
         beta = bn.bias.detach() if bn.bias is not None else torch.zeros(c)

@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.fx as fx
@@ -118,7 +118,7 @@ class _R:
     std: torch.Tensor
     source: str
 
-    def collapse(self) -> "_R":
+    def collapse(self) -> _R:
         """Envelope over channels (used when features no longer map to channels)."""
         return _R(self.lo.min().reshape(1), self.hi.max().reshape(1), self.mean.mean().reshape(1),
                   self.std.max().reshape(1), self.source)

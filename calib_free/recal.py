@@ -1,7 +1,7 @@
 """Re-estimate BatchNorm running statistics of a (quantized) model from a batch of inputs."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -8,8 +8,8 @@ quantized model (calib_free.recal), which is what DF-MPC's "re-calibrate mu_hat 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

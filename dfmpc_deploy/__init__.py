@@ -1,5 +1,5 @@
 """dfmpc-deploy: data-free mixed-precision compensation (DF-MPC) and deployment of CNNs."""
-from .config import BitsSpec, QuantConfig, WeightFormat, parse_bits
+from .core.config import BitsSpec, QuantConfig, WeightFormat, parse_bits
 from .errors import DfmpcError
 
 __version__ = "0.1.0"
@@ -10,9 +10,9 @@ __all__ = ["BitsSpec", "QuantConfig", "WeightFormat", "parse_bits", "DfmpcError"
 
 def __getattr__(name):  # keep `import dfmpc_deploy` light: torch-heavy modules load on first use
     if name == "compensate":
-        from .compensate import compensate
+        from .passes.compensate import compensate
         return compensate
     if name == "load_model":
-        from .models import load_model
+        from .zoo.models import load_model
         return load_model
     raise AttributeError(name)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .config import QuantConfig
-from .data import DataSpec, load_dataset
+from .core.config import QuantConfig
 from .errors import DfmpcError
-from .methods import METHODS, method_config, method_overrides
-from .report import layer_table, write_report
+from .passes.recipes import METHODS, method_config, method_overrides
+from .report.markdown import layer_table, write_report
+from .zoo.data import DataSpec, load_dataset
 
 __all__ = ["BuildConfig", "run_build", "prepare_out_dir", "METHODS"]
 
@@ -80,8 +80,8 @@ def run_build(cfg: BuildConfig, progress=None, warn=None) -> dict:
     ``warn(message)`` receives one line per user flag the chosen method replaces or ignores (default: the
     ``dfmpc_deploy`` logger at WARNING); the report's ``notes`` list them too.
     """
-    from .evaluate import accuracy
-    from .models import load_model
+    from .zoo.evaluate import accuracy
+    from .zoo.models import load_model
 
     tmp = prepare_out_dir(cfg.out, cfg.force)
     try:
@@ -175,7 +175,7 @@ def _run(cfg, tmp, progress, accuracy, load_model, warn) -> dict:
         timings["evaluate"] = round(time.perf_counter() - t, 3)
         rep["accuracy"] = acc
 
-    from .pack import fp32_nbytes, save_packed
+    from .io.container import fp32_nbytes, save_packed
     sizes = {"fp32": fp32_nbytes(lm.module)}
     if cfg.pack:
         t = time.perf_counter()
@@ -191,7 +191,7 @@ def _run(cfg, tmp, progress, accuracy, load_model, warn) -> dict:
     wanted = [x for x in cfg.targets if x != "torch"]
     if wanted:
         t = time.perf_counter()
-        from .targets import run_targets
+        from .deploy.targets import run_targets
         frag = run_targets(mp, lm.module, input_shape, wanted, tmp, dataset=data, batch_sizes=cfg.batch_sizes,
                            progress=progress.say if progress is not None else None)
         frag = _relative_paths(frag, tmp)

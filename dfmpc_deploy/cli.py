@@ -9,13 +9,13 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from . import __version__
-from .config import QuantConfig, parse_bits
+from .core.config import QuantConfig, parse_bits
 from .errors import DfmpcError, UsageError
-from .methods import FLAGS, METHODS
+from .passes.recipes import FLAGS, METHODS
 
 __all__ = ["main", "SUBCOMMANDS"]
 
@@ -119,8 +119,8 @@ def _add_build(sub) -> None:
 
 def _cmd_build(args) -> int:
     from .build import BuildConfig, run_build
-    from .data import parse_data_spec
-    from .progress import Progress
+    from .core.progress import Progress
+    from .zoo.data import parse_data_spec
 
     bits = parse_bits(args.bits)
     qcfg = QuantConfig(bits=bits, lambda1=args.lambda1, lambda2=args.lambda2,
@@ -130,7 +130,7 @@ def _cmd_build(args) -> int:
                        seed=args.seed, finetune_steps=args.finetune_steps, avg_bits=args.avg_bits,
                        size_budget_bytes=round(args.size_budget_mb * 1e6) if args.size_budget_mb else None)
     data = parse_data_spec(args.data) if args.data else None
-    from .models import get_spec
+    from .zoo.models import get_spec
     get_spec(args.model)  # fail fast on an unknown name
     cfg = BuildConfig(model=args.model, weights=args.weights, quant=qcfg, method=args.method, data=data,
                       limit=args.limit, mean=args.mean, std=args.std, targets=tuple(args.target),
@@ -166,7 +166,7 @@ def _add_models(sub) -> None:
 
 
 def _cmd_models(args) -> int:
-    from .models import REGISTRY
+    from .zoo.models import REGISTRY
     for name in sorted(REGISTRY):
         s = REGISTRY[name]
         print(f"{name:<26} {s.input_size:>3}px {s.num_classes:>5} classes  {s.source}")
@@ -182,7 +182,7 @@ def _add_inspect(sub) -> None:
 
 
 def _cmd_inspect(args) -> int:
-    from .pack import inspect_packed
+    from .io.container import inspect_packed
     print(inspect_packed(args.file))
     return 0
 

@@ -10,24 +10,22 @@ default pipeline at the same seed, for reference. Usage:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from cases import MODELS, load_case
+
+from dfmpc_deploy.core.config import QuantConfig, parse_bits
+from dfmpc_deploy.io.atomic import atomic_write_json
+from dfmpc_deploy.io.container import avg_code_bits, save_packed
+from dfmpc_deploy.passes.compensate import compensate
+from dfmpc_deploy.passes.recipes import fixed_pairing_bytes
+from dfmpc_deploy.zoo.evaluate import accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dfmpc_deploy._io import atomic_write_json  # noqa: E402
-from dfmpc_deploy.compensate import compensate  # noqa: E402
-from dfmpc_deploy.config import QuantConfig, parse_bits  # noqa: E402
-from dfmpc_deploy.evaluate import accuracy  # noqa: E402
-from dfmpc_deploy.methods import fixed_pairing_bytes  # noqa: E402
-from dfmpc_deploy.pack import avg_code_bits, save_packed  # noqa: E402
-from _cifar import MODELS, load_case  # noqa: E402
 
 
 def main() -> None:

@@ -9,19 +9,17 @@ re-estimation) on the real CIFAR ResNets. Prints a table, writes results/bench_c
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dfmpc_deploy.core.config import QuantConfig
+from dfmpc_deploy.io.atomic import atomic_write_json
+from dfmpc_deploy.passes.compensate import compensate
+from dfmpc_deploy.zoo.models import load_model
 
-from dfmpc_deploy._io import atomic_write_json  # noqa: E402
-from dfmpc_deploy.compensate import compensate  # noqa: E402
-from dfmpc_deploy.config import QuantConfig  # noqa: E402
-from dfmpc_deploy.models import load_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 W = ROOT.parent / "shared" / "data" / "weights" / "akamaster_cifar10"
 CASES = [

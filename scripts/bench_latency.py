@@ -10,7 +10,7 @@ Models with real weights are compensated with the default ``QuantConfig()``; ran
 minutes at 224x224 on a small CPU; ``--quick`` for the fast configuration everywhere). The ONNX graph, hence the
 latency, does not depend on the configuration.
 
-Variants timed side by side (round-robin, same random input, ``dfmpc_deploy.ort.compare_latency``): ``fp32`` (the
+Variants timed side by side (round-robin, same random input, ``dfmpc_deploy.deploy.ort.compare_latency``): ``fp32`` (the
 dequantised model), ``wdq`` (INT8 weights + DQ), ``w8a8`` (TensorRT's Q/DQ form: symmetric INT8 at each conv input)
 and ``w8a8_ort`` (ORT's form: UINT8 at conv inputs and outputs, INT32 bias, fused to QLinearConv). Speed-up =
 fp32 p50 / variant p50. Goal of the issue: w8a8 >= 1.5x faster than FP32 at batch 32, top-1 within 1 point of the
@@ -28,14 +28,15 @@ from pathlib import Path
 
 import torch
 
-from dfmpc_deploy._io import atomic_write_json
-from dfmpc_deploy.compensate import compensate
-from dfmpc_deploy.config import BitsSpec, QuantConfig
-from dfmpc_deploy.data import load_dataset, parse_data_spec
-from dfmpc_deploy.models import load_model
-from dfmpc_deploy.targets import run_targets
+from dfmpc_deploy.core.config import BitsSpec, QuantConfig
+from dfmpc_deploy.deploy.targets import run_targets
+from dfmpc_deploy.io.atomic import atomic_write_json
+from dfmpc_deploy.passes.compensate import compensate
+from dfmpc_deploy.zoo.data import load_dataset, parse_data_spec
+from dfmpc_deploy.zoo.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+
 SHARED = ROOT.parent / "shared" / "data"
 WEIGHTS = {"resnet56_cifar10_optA": SHARED / "weights" / "akamaster_cifar10" / "resnet56-4bfd9763.th",
            "resnet20_cifar10_optA": SHARED / "weights" / "akamaster_cifar10" / "resnet20-12fca82f.th"}
@@ -100,10 +101,9 @@ def markdown(runs: list[dict]) -> str:
                   "|---|---|---|---|---|---|---|"]
         for r in acc:
             a = r["accuracy"]
-            get = lambda k: f"{a[k]['top1']:.2f}" if k in a else "-"  # noqa: E731
-            lines.append(f"| {r['model']} | {a['torch_fakequant']['n']} | {get('torch_fp32')} | "
-                         f"{get('torch_fakequant')} | {get('onnx_wdq')} | {get('onnx_w8a8')} | "
-                         f"{get('onnx_w8a8_ort')} |")
+            cells = [f"{a[k]['top1']:.2f}" if k in a else "-"
+                     for k in ("torch_fp32", "torch_fakequant", "onnx_wdq", "onnx_w8a8", "onnx_w8a8_ort")]
+            lines.append(f"| {r['model']} | {a['torch_fakequant']['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

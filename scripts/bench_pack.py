@@ -11,21 +11,20 @@ rebuild with its random init, state-dict load).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import dataclasses
-
 import torch
 
-from dfmpc_deploy.artifacts import QuantLayer
-from dfmpc_deploy.compensate import compensate
-from dfmpc_deploy.config import BitsSpec, QuantConfig
-from dfmpc_deploy.models import get_spec, load_model
-from dfmpc_deploy.pack import _decode, _encode, _read, CodeLayout, load_packed, save_packed
+from dfmpc_deploy.core.config import BitsSpec, QuantConfig
+from dfmpc_deploy.core.state import QuantLayer
+from dfmpc_deploy.io.container import CodeLayout, _decode, _encode, _read, load_packed, save_packed
+from dfmpc_deploy.passes.compensate import compensate
+from dfmpc_deploy.zoo.models import get_spec, load_model
 
 PAPER_RESNET18_2_6_MIB = 5.48  # DF-MPC Table 3 ("MB" there is MiB: FP32 ResNet-18 is listed as 44.59)
 

@@ -1,6 +1,6 @@
 """Run related methods on the same model, data and bit budget (issue 5) and print one Markdown table.
 
-Every row quantizes the same layers to the same bits (dfmpc_deploy.methods); the packed size comes from
+Every row quantizes the same layers to the same bits (dfmpc_deploy.passes.recipes); the packed size comes from
 ``save_packed`` to a temporary file; wall time covers the method itself (synthesis included), not evaluation.
 Writes results/compare.json. Usage:
 
@@ -10,23 +10,20 @@ Writes results/compare.json. Usage:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from cases import MODELS, load_case
+
+from dfmpc_deploy.core.config import QuantConfig, parse_bits
+from dfmpc_deploy.io.atomic import atomic_write_json
+from dfmpc_deploy.io.container import avg_code_bits, fp32_nbytes, save_packed
+from dfmpc_deploy.passes.recipes import METHODS, run_method
+from dfmpc_deploy.zoo.evaluate import accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dfmpc_deploy._io import atomic_write_json  # noqa: E402
-from dfmpc_deploy.config import QuantConfig, parse_bits  # noqa: E402
-from dfmpc_deploy.evaluate import accuracy  # noqa: E402
-from dfmpc_deploy.methods import METHODS, run_method  # noqa: E402
-from _cifar import MODELS, load_case  # noqa: E402
-from dfmpc_deploy.pack import avg_code_bits, fp32_nbytes, save_packed  # noqa: E402
-
 
 
 def main() -> None:

@@ -10,23 +10,20 @@ reference, never a default). Usage:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from cases import MODELS, load_case
+
+from calib_free import synthesize_inputs
+from dfmpc_deploy.core.config import QuantConfig, parse_bits
+from dfmpc_deploy.io.atomic import atomic_write_json
+from dfmpc_deploy.passes.compensate import compensate
+from dfmpc_deploy.zoo.evaluate import accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from calib_free import synthesize_inputs  # noqa: E402
-from dfmpc_deploy._io import atomic_write_json  # noqa: E402
-from dfmpc_deploy.compensate import compensate  # noqa: E402
-from dfmpc_deploy.config import QuantConfig, parse_bits  # noqa: E402
-from dfmpc_deploy.evaluate import accuracy  # noqa: E402
-from _cifar import MODELS, load_case  # noqa: E402
-
 
 # name -> (QuantConfig overrides, description)
 VARIANTS = {

@@ -9,20 +9,18 @@ Prints a Markdown table and writes results/gdfq_budget.json. Each row is a separ
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
+from cases import MODELS, load_case
+
+from dfmpc_deploy.core.config import QuantConfig, parse_bits
+from dfmpc_deploy.io.atomic import atomic_write_json
+from dfmpc_deploy.passes.recipes import run_method
+from dfmpc_deploy.zoo.evaluate import accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dfmpc_deploy._io import atomic_write_json  # noqa: E402
-from dfmpc_deploy.config import QuantConfig, parse_bits  # noqa: E402
-from dfmpc_deploy.evaluate import accuracy  # noqa: E402
-from dfmpc_deploy.methods import run_method  # noqa: E402
-from _cifar import MODELS, load_case  # noqa: E402
 
 #: the authors' CIFAR schedule (cifar100_resnet20.hocon): 400 epochs x 200 iterations of batch 200
 AUTHORS_SAMPLES = 400 * 200 * 200

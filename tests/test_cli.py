@@ -103,7 +103,7 @@ def test_build_random_weights_then_force_replaces(capsys, tmp_path):
 
 
 def test_interrupt_leaves_nothing(capsys, tmp_path, monkeypatch):
-    import dfmpc_deploy.compensate as comp
+    import dfmpc_deploy.passes.compensate as comp
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -177,7 +177,7 @@ def test_inspect_shows_layers_and_checksums(capsys, tmp_path):
 def test_disk_full_while_writing(capsys, tmp_path, monkeypatch):
     import errno
 
-    import dfmpc_deploy._io as io_mod
+    import dfmpc_deploy.io.atomic as io_mod
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calib_free.ranges import (estimate_act_ranges, estimate_output_ranges, gaussian_clip_k, gaussian_clip_mse,
-                               input_range_from_normalization)
+from calib_free.ranges import (
+    estimate_act_ranges,
+    estimate_output_ranges,
+    gaussian_clip_k,
+    gaussian_clip_mse,
+    input_range_from_normalization,
+)
 from tests.conftest import CIFAR_TEST, R20_WEIGHTS, make_tiny_net, needs_shared
 
 
@@ -80,7 +85,7 @@ def test_residual_add_adds_half_widths_in_quadrature_within_the_sum_of_ranges():
 
 
 def test_every_layer_of_an_option_a_resnet_gets_a_range():
-    from dfmpc_deploy.cifar_resnet import CifarResNet
+    from dfmpc_deploy.zoo.cifar_resnet import CifarResNet
 
     model = CifarResNet(20).eval()
     r = estimate_act_ranges(model, input_range=(-2.0, 2.5))
@@ -119,8 +124,8 @@ def test_calib_free_does_not_import_dfmpc_deploy():
 @needs_shared
 def test_ranges_match_real_activations_of_resnet20():
     """Estimated bounds against activations of 200 real CIFAR-10 images (a check, not a fit: k is fixed at 3.92)."""
-    from dfmpc_deploy.data import load_dataset, parse_data_spec
-    from dfmpc_deploy.models import load_model
+    from dfmpc_deploy.zoo.data import load_dataset, parse_data_spec
+    from dfmpc_deploy.zoo.models import load_model
 
     lm = load_model("resnet20_cifar10_optA", str(R20_WEIGHTS))
     s = lm.spec

@@ -1,0 +1,1 @@
+"""Deployment targets: ONNX export, ONNX Runtime, TensorRT."""

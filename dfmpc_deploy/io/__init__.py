@@ -1,0 +1,1 @@
+"""Files: atomic writes, the packed .dfmpc container and its code layouts."""

@@ -1,0 +1,1 @@
+"""Compensation passes (quantize, synthesise statistics, allocate, round, re-estimate, solve c, ...) and recipes."""

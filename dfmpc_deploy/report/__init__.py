@@ -1,0 +1,1 @@
+"""The build report: JSON, Markdown and HTML."""

@@ -1,0 +1,1 @@
+"""Models, datasets and evaluation."""
