@@ -48,6 +48,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .graph import activation, is_passthrough, layer_units, modules_of, trace
+
 __all__ = ["ActRange", "estimate_act_ranges", "estimate_output_ranges", "gaussian_clip_k", "gaussian_clip_mse",
            "input_range_from_normalization"]
 
@@ -124,15 +126,6 @@ class _R:
                   self.std.max().reshape(1), self.source)
 
 
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.GELU,
-                nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish)
-_ACT_FUNCS = {F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.silu, F.hardswish, F.hardsigmoid, F.gelu, F.elu, F.mish,
-              torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh}
-_ACT_METHODS = {"relu", "sigmoid", "tanh", "relu_", "sigmoid_", "tanh_"}
-_PASS_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Identity,
-                 nn.Flatten)
-_PASS_FUNCS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, torch.flatten}
-_PASS_METHODS = {"flatten", "view", "reshape", "contiguous", "clone", "detach", "mean", "squeeze"}
 _Q_X = torch.linspace(-8.0, 8.0, 2001, dtype=torch.float64)  # standard-normal quadrature nodes and weights
 _Q_W = torch.exp(-_Q_X ** 2 / 2)
 _Q_W = _Q_W / _Q_W.sum()
@@ -223,18 +216,9 @@ def _add(a, b, k: float) -> _R:
     return _R(mean - down, mean + up, mean, std, "add")
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as err:  # fx raises TraceError, TypeError, ... for data-dependent control flow
-        raise ValueError(f"cannot trace {type(model).__name__} with torch.fx to estimate activation ranges: "
-                         f"{err}") from err
-
-
-def _walk(gm: fx.GraphModule, k: float, input_range) -> tuple[dict, dict[str, ActRange]]:
+def _walk(graph: fx.Graph, mods: dict[str, nn.Module], k: float, input_range) -> tuple[dict, dict[str, ActRange]]:
     """Propagate per-channel states through the graph: ``(state per node, {layer fqn: input ActRange})``."""
-    mods = dict(gm.named_modules())
-    first = next((m for m in gm.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    first = next((m for m in mods.values() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
     c_in = first.in_channels if isinstance(first, nn.Conv2d) else (first.in_features if first is not None else 1)
     env: dict[fx.Node, object] = {}
     out: dict[str, ActRange] = {}
@@ -242,7 +226,7 @@ def _walk(gm: fx.GraphModule, k: float, input_range) -> tuple[dict, dict[str, Ac
     def val(a):
         return env.get(a) if isinstance(a, fx.Node) else a
 
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         r = None
         args = [val(a) for a in node.args]
         x = args[0] if args else None
@@ -259,15 +243,15 @@ def _walk(gm: fx.GraphModule, k: float, input_range) -> tuple[dict, dict[str, Ac
                 g = m.weight.detach().double() if m.weight is not None else torch.ones(c, dtype=torch.float64)
                 b = m.bias.detach().double() if m.bias is not None else torch.zeros(c, dtype=torch.float64)
                 r = _R(b - k * g.abs(), b + k * g.abs(), b.clone(), g.abs(), "bn")
-            elif isinstance(m, _ACT_MODULES) and isinstance(x, _R):
+            elif activation(node, mods) is not None and isinstance(x, _R):
                 r = _act(lambda t, m=m: m(t), x, k)
-            elif isinstance(m, _PASS_MODULES) and isinstance(x, _R):
+            elif is_passthrough(node, mods) and isinstance(x, _R):
                 r = x
         elif node.op == "call_function":
             fn = node.target
-            if fn in _ACT_FUNCS and isinstance(x, _R):
+            if activation(node, mods) is not None and isinstance(x, _R):
                 r = _act(_bind(fn, node), x, k)
-            elif fn in _PASS_FUNCS and isinstance(x, _R):
+            elif is_passthrough(node, mods) and isinstance(x, _R):
                 r = x
             elif fn in (operator.add, torch.add, operator.iadd) and any(isinstance(a, _R) for a in args[:2]):
                 if all(isinstance(a, (_R, int, float)) for a in args[:2]):
@@ -286,9 +270,9 @@ def _walk(gm: fx.GraphModule, k: float, input_range) -> tuple[dict, dict[str, Ac
                 lo, hi = x.lo * c, x.hi * c
                 r = _R(torch.minimum(lo, hi), torch.maximum(lo, hi), x.mean * c, x.std * abs(c), x.source)
         elif node.op == "call_method":
-            if node.target in _ACT_METHODS and isinstance(x, _R):
-                r = _act(getattr(torch, node.target.rstrip("_")), x, k)
-            elif node.target in _PASS_METHODS and isinstance(x, _R):
+            if activation(node, mods) is not None and isinstance(x, _R):
+                r = _act(getattr(torch, str(node.target).rstrip("_")), x, k)
+            elif is_passthrough(node, mods) and isinstance(x, _R):
                 r = x
         if r is not None:
             env[node] = r
@@ -300,8 +284,8 @@ def _as_range(r: _R, k: float) -> ActRange:
 
 
 @torch.no_grad()
-def estimate_act_ranges(model: nn.Module, k: float | None = None, input_range=None,
-                        bits: int = 8) -> dict[str, ActRange]:
+def estimate_act_ranges(model: nn.Module, k: float | None = None, input_range=None, bits: int = 8,
+                        graph: fx.Graph | None = None) -> dict[str, ActRange]:
     """Estimate the input range of every Conv2d / Linear of ``model`` without data (rules in the module docstring).
 
     Args:
@@ -310,6 +294,8 @@ def estimate_act_ranges(model: nn.Module, k: float | None = None, input_range=No
         input_range: ``(lo, hi)`` scalars or per-channel sequences of the normalised network input, e.g. from
             :func:`input_range_from_normalization`; None = standardised N(0, 1) input.
         bits: activation bit width the default ``k`` is optimised for.
+        graph: ``model``'s fx graph when the caller has traced the architecture already (module names are resolved
+            in ``model``); None traces it here.
 
     Returns:
         ``{fqn: ActRange}`` for each Conv2d/Linear whose input could be followed through the graph (layers behind an
@@ -326,15 +312,16 @@ def estimate_act_ranges(model: nn.Module, k: float | None = None, input_range=No
         (['0', '3'], True)
     """
     k = gaussian_clip_k(bits) if k is None else float(k)
-    return _walk(_trace(model), k, input_range)[1]
+    return _walk(graph if graph is not None else trace(model).graph, modules_of(model), k, input_range)[1]
 
 
 @torch.no_grad()
-def estimate_output_ranges(model: nn.Module, k: float | None = None, input_range=None,
-                           bits: int = 8) -> dict[str, ActRange]:
+def estimate_output_ranges(model: nn.Module, k: float | None = None, input_range=None, bits: int = 8,
+                           graph: fx.Graph | None = None) -> dict[str, ActRange]:
     """Range of every Conv2d / Linear *output*, taken after the BatchNorm and the elementwise activation that follow
     it when each is the sole user of the previous value (``conv -> [BN] -> [act]``, the tensor an inference engine
-    sees after folding BN and fusing the activation). ``source`` ends in ``+act`` when the activation is included.
+    sees after folding BN and fusing the activation: :class:`calib_free.graph.LayerUnit`). ``source`` ends in
+    ``+act`` when the activation is included.
 
     Args and Raises as in :func:`estimate_act_ranges`.
 
@@ -342,26 +329,8 @@ def estimate_output_ranges(model: nn.Module, k: float | None = None, input_range
         ``{fqn: ActRange}`` for each layer whose output state is known.
     """
     k = gaussian_clip_k(bits) if k is None else float(k)
-    gm = _trace(model)
-    env, _ = _walk(gm, k, input_range)
-    mods = dict(gm.named_modules())
-    res = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(mods[node.target], (nn.Conv2d, nn.Linear)):
-            continue
-        last = node
-        nxt = next(iter(last.users)) if len(last.users) == 1 else None
-        if nxt is not None and nxt.op == "call_module" and isinstance(mods[nxt.target], nn.BatchNorm2d):
-            last = nxt
-            nxt = next(iter(last.users)) if len(last.users) == 1 else None
-        if nxt is not None and _is_act(nxt, mods):
-            last = nxt
-        if isinstance(env.get(last), _R):
-            res[node.target] = _as_range(env[last], k)
-    return res
-
-
-def _is_act(node: fx.Node, mods: dict) -> bool:
-    return ((node.op == "call_module" and isinstance(mods[node.target], _ACT_MODULES))
-            or (node.op == "call_function" and node.target in _ACT_FUNCS)
-            or (node.op == "call_method" and node.target in _ACT_METHODS))
+    graph = graph if graph is not None else trace(model).graph
+    mods = modules_of(model)
+    env, _ = _walk(graph, mods, k, input_range)
+    return {name: _as_range(env[u.out], k) for name, u in layer_units(graph, mods).items()
+            if isinstance(env.get(u.out), _R)}

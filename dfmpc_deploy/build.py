@@ -1,4 +1,4 @@
-"""The `build` pipeline: load -> compensate -> pack -> export/targets -> report, into one output directory.
+"""The `build` pipeline: load -> recipe of passes -> pack -> export/targets -> report, into one output directory.
 
 Everything is written into a hidden sibling directory first and renamed onto ``--out`` at the end, so an
 interrupted or failed build never leaves a half-written output directory.
@@ -6,45 +6,113 @@ interrupted or failed build never leaves a half-written output directory.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
+from .core.options import int_in, option, positive_int, split_values
+from .errors import DfmpcError, UsageError
 
-from .core.config import QuantConfig
-from .errors import DfmpcError
-from .passes.recipes import METHODS, method_config, method_overrides
-from .report.markdown import layer_table, write_report
-from .zoo.data import DataSpec, load_dataset
-
-__all__ = ["BuildConfig", "run_build", "prepare_out_dir", "METHODS"]
+__all__ = ["BuildConfig", "run_build", "prepare_out_dir", "TARGET_CHOICES", "DEVICE_CHOICES"]
 
 log = logging.getLogger("dfmpc_deploy")
 
+TARGET_CHOICES = ("torch", "onnx", "ort", "trt", "torch-cuda")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
-@dataclass
+
+def _floats3(text: str) -> tuple[float, float, float]:
+    try:
+        vals = tuple(float(v) for v in split_values(text))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
+        raise UsageError(f"'{text}' is not three finite comma-separated numbers, e.g. 0.485,0.456,0.406")
+    return vals  # type: ignore[return-value]
+
+
+def _std3(text: str) -> tuple[float, float, float]:
+    vals = _floats3(text)
+    if not all(v > 0 for v in vals):
+        raise UsageError(f"--std '{text}': every standard deviation must be > 0, e.g. 0.229,0.224,0.225")
+    return vals
+
+
+@dataclass(frozen=True)
 class BuildConfig:
-    """Options of one build (CLI flags map 1:1)."""
+    """Options of one build; every field with a flag is a ``build`` option (the CLI is generated from them).
+
+    ``settings`` holds the pass settings the user gave (field name -> value, see dfmpc_deploy.passes); the recipe
+    named by ``method`` decides which passes read them.
+    """
 
     model: str
-    weights: str = "pretrained"
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    method: str = "dfmpc"
-    data: DataSpec | None = None
-    limit: int | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    targets: tuple[str, ...] = ("torch",)
-    batch_sizes: tuple[int, ...] = (1, 8, 32)
-    out: Path = Path("out")
-    force: bool = False
-    unsafe_pickle: bool = False
-    pack: bool = True
-    compress: bool = False
-    explicit: frozenset[str] = frozenset()  # QuantConfig fields the user set by flag (for override warnings)
+    weights: str = option("pretrained", flag="--weights", metavar="pretrained|random|FILE",
+                          help="'pretrained' (download), 'random' (seeded, for size/latency/export only) or a local "
+                               ".pth/.th/.safetensors state dict")
+    method: str = option("dfmpc", flag="--method", metavar="METHOD",
+                         help="recipe of compensation passes (listed above; default dfmpc)")
+    data: Any = option(None, flag="--data", metavar="KIND:DIR",
+                       help="evaluation data: imagefolder:DIR, cifar10:DIR or cifar100:DIR")
+    limit: int | None = option(None, flag="--limit", parse=positive_int, metavar="N",
+                               help="evaluate on N evenly spaced images")
+    mean: tuple[float, float, float] | None = option(None, flag="--mean", parse=_floats3, metavar="R,G,B",
+                                                     help="override input normalisation mean, e.g. 0.485,0.456,0.406")
+    std: tuple[float, float, float] | None = option(None, flag="--std", parse=_std3, metavar="R,G,B",
+                                                    help="override input normalisation std (each > 0)")
+    targets: tuple[str, ...] = option(("torch",), flag="--target", nargs="+", metavar="TARGET",
+                                      help=f"artifacts to produce/time, from {', '.join(TARGET_CHOICES)} "
+                                           f"(several: 'onnx ort' or 'onnx,ort'; torch = the fake-quant model only)")
+    batch_sizes: tuple[int, ...] = option((1, 8, 32), flag="--batch-sizes", nargs="+", metavar="N",
+                                          help="batch sizes for latency ('1 8 32' or '1,8,32')")
+    pack: bool = option(True, flag="--no-pack", action="store_false", help="skip writing model.dfmpc")
+    compress: bool = option(False, flag="--compress", action="store_true",
+                            help="Huffman-code the integer codes in model.dfmpc (trained weights: ~0.8x the dense file)")
+    out: Path = option(Path("out"), flag="--out", parse=Path, metavar="DIR",
+                       help="output directory (refused if it exists and is not empty, unless --force)")
+    force: bool = option(False, flag="--force", action="store_true", help="replace an existing --out directory")
+    unsafe_pickle: bool = option(False, flag="--unsafe-pickle", action="store_true",
+                                 help="allow full unpickling of a --weights file you trust (default: tensors only)")
+    seed: int = option(0, flag="--seed", parse=int_in(0, 2 ** 63 - 1), metavar="N",
+                       help="seed for everything random (synthesis, random weights)")
+    threads: int | None = option(None, flag="--threads", parse=int_in(1, 4096), metavar="N",
+                                 help="CPU threads for torch and ONNX Runtime (default: what torch picks); keeps a "
+                                      "build on a busy machine from oversubscribing it")
+    device: str = option("auto", flag="--device", metavar="auto|cpu|cuda",
+                         help="where synthesis, rounding and statistics run (auto = CUDA when available)")
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .passes.recipes import RECIPES
+        from .zoo.data import DataSpec, parse_data_spec
+        from .zoo.models import get_spec
+
+        get_spec(self.model)  # an unknown name fails before anything is created
+        if self.method not in RECIPES:
+            raise UsageError(f"bad --method '{self.method}': choose one of {', '.join(RECIPES)}")
+        targets = tuple(dict.fromkeys(split_values(self.targets)))
+        bad = [t for t in targets if t not in TARGET_CHOICES]
+        if bad:
+            raise UsageError(f"bad --target {', '.join(bad)}: choose from {', '.join(TARGET_CHOICES)}")
+        object.__setattr__(self, "targets", targets)
+        try:
+            sizes = tuple(int(v) for v in split_values([str(b) for b in self.batch_sizes]))
+        except ValueError:
+            sizes = ()
+        if not sizes or not all(1 <= b <= 65536 for b in sizes):
+            raise UsageError(f"bad --batch-sizes {' '.join(map(str, self.batch_sizes))}: give positive integers, "
+                             f"e.g. 1 8 32 or 1,8,32")
+        object.__setattr__(self, "batch_sizes", tuple(dict.fromkeys(sizes)))
+        if self.device not in DEVICE_CHOICES:
+            raise UsageError(f"bad --device '{self.device}': choose one of {', '.join(DEVICE_CHOICES)}")
+        if self.data is not None and not isinstance(self.data, DataSpec):
+            object.__setattr__(self, "data", parse_data_spec(str(self.data)))
+        object.__setattr__(self, "out", Path(self.out))
 
 
 def prepare_out_dir(out: Path, force: bool) -> Path:
@@ -74,24 +142,43 @@ def _finalize(tmp: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def resolve_device(name: str):
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a one-line error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DfmpcError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False); "
+                         "use --device cpu or auto")
+    return torch.device(name)
+
+
 def run_build(cfg: BuildConfig, progress=None, warn=None) -> dict:
     """Run the whole pipeline; returns the report dict (also written to ``cfg.out/report.json``).
 
-    ``warn(message)`` receives one line per user flag the chosen method replaces or ignores (default: the
+    ``warn(message)`` receives one line per user setting the chosen recipe replaces or does not use (default: the
     ``dfmpc_deploy`` logger at WARNING); the report's ``notes`` list them too.
     """
-    from .zoo.evaluate import accuracy
-    from .zoo.models import load_model
+    import torch
 
+    device = resolve_device(cfg.device)
     tmp = prepare_out_dir(cfg.out, cfg.force)
+    threads_before = torch.get_num_threads()
     try:
-        rep = _run(cfg, tmp, progress, accuracy, load_model, warn or (lambda m: log.warning("warning: %s", m)))
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        rep = _run(cfg, tmp, progress, warn or (lambda m: log.warning("warning: %s", m)), device)
+        from .report.markdown import REPORT_FORMAT_VERSION, write_report
+        rep = {"format_version": REPORT_FORMAT_VERSION, **rep}
         write_report(tmp, rep)
         _finalize(tmp, cfg.out)
-        return {"format_version": 1, **rep}
+        return rep
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def _relative_paths(obj, tmp: Path):
@@ -105,78 +192,80 @@ def _relative_paths(obj, tmp: Path):
     return obj
 
 
-def _stage_label(method: str, qcfg: QuantConfig) -> str:
-    if METHODS[method].fine_tuning:
-        return f"{method}: train"
-    return "synthesise + score" if qcfg.allocating or method == "dfmpc-alloc" else "synthesise inputs"
-
-
 def _task(progress, label):
     return progress.task(label) if progress is not None else None
 
 
-def _run(cfg, tmp, progress, accuracy, load_model, warn) -> dict:
-    timings = {}
+def _stage(timings: dict, name: str, t0: float) -> None:
+    timings[name] = round(time.perf_counter() - t0, 3)
+
+
+def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> dict:
+    import torch
+
+    from .core.graph import GraphAnalysis
+    from .passes.base import run_recipe
+    from .passes.recipes import get_recipe
+    from .zoo.data import load_dataset
+    from .zoo.evaluate import accuracy
+    from .zoo.models import load_model
+
+    timings: dict[str, float] = {}
     t = time.perf_counter()
-    lm = load_model(cfg.model, cfg.weights, seed=cfg.quant.seed, unsafe_pickle=cfg.unsafe_pickle)
+    lm = load_model(cfg.model, cfg.weights, seed=cfg.seed, unsafe_pickle=cfg.unsafe_pickle)
     spec = lm.spec
-    timings["load"] = round(time.perf_counter() - t, 3)
+    graph = GraphAnalysis.of(lm.module)
+    _stage(timings, "load", t)
     input_shape = (3, spec.input_size, spec.input_size)
     mean, std = cfg.mean or spec.mean, cfg.std or spec.std
 
+    recipe = get_recipe(cfg.method)
     data = None
     if cfg.data is not None:
         t = time.perf_counter()
         data = load_dataset(cfg.data, spec.input_size, spec.resize, mean, std, cfg.limit,
                             progress=_task(progress, "load data"))
-        timings["load_data"] = round(time.perf_counter() - t, 3)
-
-    if cfg.method not in METHODS:
-        raise DfmpcError(f"unknown method '{cfg.method}': choose one of {', '.join(METHODS)}")
-    qcfg = method_config(cfg.method, cfg.quant)
-    overridden = method_overrides(cfg.method, cfg.quant, cfg.explicit)
-    for msg in overridden:
-        warn(msg)
+        _stage(timings, "load_data", t)
     real = None
-    if qcfg.recal == "real":
+    if cfg.settings.get("recal") == "real" and "recal" in recipe.fields():
         if data is None:
             raise DfmpcError("--recal real (a labelled real-data reference) needs --data")
         real = data.images[torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))[:200]]
 
     t = time.perf_counter()
-    mp = METHODS[cfg.method].run(lm.module, cfg.quant, input_shape, arch=cfg.model, real_inputs=real,
-                                 progress=_task(progress, _stage_label(cfg.method, qcfg)))
-    timings["compensate"] = round(time.perf_counter() - t, 3)
+    mp = run_recipe(recipe, lm.module, input_shape, cfg.settings, arch=cfg.model, real_inputs=real,
+                    progress=progress, device=device, seed=cfg.seed, graph=graph)
+    _stage(timings, "compensate", t)
+    run = mp.config
+    for msg in run.overrides:
+        warn(msg)
     log.info("compensated %s in %.2f s (%s)", cfg.model, timings["compensate"], mp.estimator)
 
-    rep: dict = {"model": cfg.model, "weights": lm.weights if lm.weights in ("random", "pretrained") else str(lm.weights),
-                 "bits": str(qcfg.bits), "method": cfg.method, "estimator": mp.estimator,
-                 "config": {k: v for k, v in vars(qcfg).items() if k != "bits"},
-                 "input_shape": list(input_shape), "preprocessing": {"mean": list(mean), "std": list(std),
-                                                                      "resize": spec.resize}}
-    notes = [f"--method {cfg.method}: {msg}" for msg in overridden]
-    if "allocation" in mp.info:
-        a = mp.info["allocation"]
-        rep["bits"] = f"mixed {qcfg.bits.low}..{qcfg.bits.high} ({a['avg_code_bits']} bits/weight)"
-        rep["allocation"] = a
+    notes = [f"--method {cfg.method}: {msg}" for msg in run.overrides]
     if lm.weights == "random":
         notes.append("Built with seeded RANDOM weights: sizes, latency and export are real, accuracy is not.")
+    if run.bn_status != "real":
+        notes.append(f"The model's BN layers carry no statistics ({run.bn_status}): nothing was synthesised, the "
+                     f"passes that need statistics fell back (see recipe.passes).")
+    rep = _report_head(cfg, lm, mp, input_shape, mean, std, spec, device)
 
     if data is not None:
         t = time.perf_counter()
-        acc = {"dataset": data.name, "n": len(data.labels)}
+        acc: dict[str, Any] = {"dataset": data.name, "n": len(data.labels)}
         acc["fp32"] = accuracy(lm.module, data, progress=_task(progress, "eval fp32"))
         if cfg.method == "rtn":
             acc["quantized_uncompensated"] = accuracy(mp.module, data, progress=_task(progress, "eval rtn"))
         else:
-            rtn = METHODS["rtn"].run(lm.module, cfg.quant, input_shape, arch=cfg.model)
+            rtn = run_recipe(get_recipe("rtn"), lm.module, input_shape,
+                             {k: v for k, v in cfg.settings.items() if k in ("bits", "per_channel")},
+                             arch=cfg.model, graph=graph)
             acc["quantized_uncompensated"] = accuracy(rtn.module, data, progress=_task(progress, "eval uncompensated"))
             acc[cfg.method] = accuracy(mp.module, data, progress=_task(progress, f"eval {cfg.method}"))
-        timings["evaluate"] = round(time.perf_counter() - t, 3)
+        _stage(timings, "evaluate", t)
         rep["accuracy"] = acc
 
     from .io.container import fp32_nbytes, save_packed
-    sizes = {"fp32": fp32_nbytes(lm.module)}
+    sizes: dict[str, Any] = {"fp32": fp32_nbytes(lm.module)}
     if cfg.pack:
         t = time.perf_counter()
         pack_info = save_packed(mp, tmp / "model.dfmpc", compress=cfg.compress)
@@ -185,7 +274,7 @@ def _run(cfg, tmp, progress, accuracy, load_model, warn) -> dict:
         sizes.update({k: pack_info[k] for k in byte_keys if k in pack_info})
         rep["packed_file"] = "model.dfmpc"
         rep["packing"] = {k: v for k, v in pack_info.items() if k not in byte_keys}
-        timings["pack"] = round(time.perf_counter() - t, 3)
+        _stage(timings, "pack", t)
     rep["size_bytes"] = sizes
 
     wanted = [x for x in cfg.targets if x != "torch"]
@@ -193,7 +282,7 @@ def _run(cfg, tmp, progress, accuracy, load_model, warn) -> dict:
         t = time.perf_counter()
         from .deploy.targets import run_targets
         frag = run_targets(mp, lm.module, input_shape, wanted, tmp, dataset=data, batch_sizes=cfg.batch_sizes,
-                           progress=progress.say if progress is not None else None)
+                           progress=progress.say if progress is not None else None, threads=cfg.threads)
         frag = _relative_paths(frag, tmp)
         rep["size_bytes"].update(frag.get("size_bytes", {}))
         if frag.get("accuracy") and "accuracy" in rep:
@@ -202,10 +291,53 @@ def _run(cfg, tmp, progress, accuracy, load_model, warn) -> dict:
             if k in frag:
                 rep[k] = frag[k]
         notes += frag.get("notes", [])
-        timings["targets"] = round(time.perf_counter() - t, 3)
+        _stage(timings, "targets", t)
 
-    rep["timings_s"] = {**timings, **{k: v for k, v in mp.info.items() if k.endswith("seconds")}}
-    rep["diagnostics"] = {k: v for k, v in mp.info.items() if not k.endswith("seconds")}
-    rep["layers"] = layer_table(mp)
+    rep["timings_s"] = timings
     rep["notes"] = notes
+    return rep
+
+
+def _report_head(cfg: BuildConfig, lm, mp, input_shape, mean, std, spec, device) -> dict:
+    """The report's description of the model, the recipe that ran and the compensated layers."""
+    import torch
+
+    from .io.container import avg_code_bits
+    from .passes.recipes import get_recipe
+    from .report.markdown import layer_table
+
+    run = mp.config
+    recipe = get_recipe(run.recipe)
+    widths = sorted({q.bits for q in mp.layers.values()})
+    quant = run.record("quantize")
+    low, high = (int(x) for x in quant.config["bits"].split("/")) if quant else (widths[0], widths[-1])
+    alloc = run.record("allocate")
+    mixed = alloc is not None and "bits_histogram" in alloc.info
+    avg = round(avg_code_bits(mp.layers.values()), 4)
+    calib = run.record("calibrate")
+    synthesis = None
+    if calib is not None and calib.info.get("source") == "synthetic":
+        synthesis = {k: calib.info[k] for k in ("samples", "steps_run", "steps_max", "resolution", "stopped_early",
+                                                "loss_initial", "loss_final")}
+        synthesis["seconds"] = calib.seconds
+    rep: dict[str, Any] = {
+        "model": cfg.model,
+        "weights": lm.weights if lm.weights in ("random", "pretrained") else str(lm.weights),
+        "method": cfg.method,
+        "bits": f"mixed {low}..{high} ({avg} bits/weight)" if mixed else f"{low}/{high}",
+        "bits_spec": {"low": low, "high": high, "mixed": mixed, "avg_code_bits": avg},
+        "estimator": mp.estimator,
+        "recipe": {"name": recipe.name, "description": recipe.description, "data_used": recipe.data_used,
+                   "fine_tuning": recipe.fine_tuning,
+                   "passes": [{"name": p.name, "config": p.config, "seconds": p.seconds, "info": p.info}
+                              for p in run.passes]},
+        "runtime": {"threads": torch.get_num_threads(), "device": device.type, "torch": torch.__version__},
+        "statistics": {"bn": run.bn_status, "estimator": mp.estimator, "synthesis": synthesis},
+        "pairs": [{"low": p.low, "high": p.high, "bn": p.bn, "act": p.act} for p in mp.analysis().pairs],
+        "input_shape": list(input_shape),
+        "preprocessing": {"mean": list(mean), "std": list(std), "resize": spec.resize},
+        "layers": layer_table(mp),
+    }
+    if mixed:
+        rep["allocation"] = {**alloc.info, "seconds": alloc.seconds}
     return rep

@@ -1,5 +1,9 @@
 """Command line: ``dfmpc-deploy build | models | inspect``.
 
+The build flags are not spelled here: they are the fields of :class:`dfmpc_deploy.build.BuildConfig` and of every
+registered pass (dfmpc_deploy.passes), each declaring its flag once (core.options). The parsed namespace holds only
+the flags the user gave, so "which flags did the user set" needs no second look at ``argv``.
+
 User errors (:class:`DfmpcError`) print one line ``error: ...`` and exit 1 (2 for usage errors); anything else keeps
 its traceback, because it is a bug. Ctrl-C exits 130 and leaves no partial output.
 """
@@ -13,9 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .core.config import QuantConfig, parse_bits
 from .errors import DfmpcError, UsageError
-from .passes.recipes import FLAGS, METHODS
 
 __all__ = ["main", "SUBCOMMANDS"]
 
@@ -28,121 +30,43 @@ _BUILD_EXAMPLE = """example:
   dfmpc-deploy build resnet50 --weights random --bits 2/6 --target ort trt --out out/r50"""
 
 
-def _floats3(text: str) -> tuple[float, float, float]:
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != 3:
-        raise argparse.ArgumentTypeError(f"'{text}' is not three comma-separated numbers, e.g. 0.485,0.456,0.406")
-    return vals  # type: ignore[return-value]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a positive integer")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = 0.0
-    if not v > 0 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a positive number")
-    return v
-
-
-def _explicit_fields(argv: Sequence[str]) -> frozenset[str]:
-    """QuantConfig fields whose build flags (methods.FLAGS) appear in ``argv``, whatever the value given."""
-    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    return frozenset(f for f, flag in FLAGS.items() if flag in given)
-
-
 def _add_build(sub) -> None:
+    from .build import BuildConfig
+    from .core.options import add_arguments, options_of
+    from .passes.recipes import PASS_CLASSES, RECIPES
+
     p = sub.add_parser("build", parents=[_common()], help="compensate a model to mixed precision, pack, export and report",
-                       description="Quantize MODEL to low/high-bit pairs with DF-MPC compensation (no data, no "
-                                   "fine-tuning), pack it, optionally export/benchmark it, and write a report.",
+                       description="Quantize MODEL with a recipe of passes (default dfmpc: low/high-bit pairs with "
+                                   "DF-MPC compensation, no data, no fine-tuning), pack it, optionally export and "
+                                   "benchmark it, and write a report. Methods: " + "; ".join(
+                                       f"{r.name} = {r.description} [data: {r.data_used}]" for r in RECIPES.values()),
                        epilog=_BUILD_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model name (see 'dfmpc-deploy models')")
-    p.add_argument("--weights", default="pretrained",
-                   help="'pretrained' (download), 'random' (seeded, for size/latency/export only) or a local "
-                        ".pth/.th/.safetensors state dict (default: pretrained)")
-    p.add_argument("--bits", default="2/6", help="LOW/HIGH bit widths, 2 <= LOW <= HIGH <= 8; 2 = ternary (default 2/6)")
-    p.add_argument("--method", default="dfmpc", choices=list(METHODS),
-                   help="quantization method (default dfmpc): " + "; ".join(
-                       f"{s.name} = {s.description} [data: {s.data_used}]" for s in METHODS.values()))
-    p.add_argument("--lambda1", type=float, default=0.5, help="Eq. 22 weight of the BN bias term (default 0.5)")
-    p.add_argument("--lambda2", type=float, default=0.0, help="Eq. 22 ridge on c (default 0)")
-    p.add_argument("--c-mode", default="off", choices=["paper", "norm", "off"],
-                   help="fold the closed-form c: 'paper' (Eq. 27), 'norm' (without least-squares shrinkage) or "
-                        "'off' (default: c = 1; measured best once the BN statistics are re-estimated, see README)")
-    p.add_argument("--recal", default="synthetic", choices=["synthetic", "none", "real"],
-                   help="BN statistics of the low-bit layers: 'synthetic' (data-free, default), 'none', or "
-                        "'real' (labelled reference using 200 images of --data)")
-    p.add_argument("--recal-scope", default=QuantConfig.recal_scope, choices=["low", "all"],
-                   help="re-estimate only the low-bit layers' BN (default) or every BN")
-    p.add_argument("--rounding", default=QuantConfig.rounding, choices=["nearest", "gptq"],
-                   help="code choice: 'nearest' (the paper) or 'gptq' error feedback on the synthetic samples")
-    p.add_argument("--per-channel", action="store_true", help="per-output-channel quantizer ranges")
-    p.add_argument("--size-budget-mb", type=_positive_float, metavar="MB",
-                   help="choose each layer's width in LOW..HIGH of --bits by data-free sensitivity so that "
-                        "model.dfmpc fits MB megabytes (10^6 bytes); e.g. 0.54")
-    p.add_argument("--avg-bits", type=_positive_float,
-                   help="the same, as an average of bits per weight of the integer codes (ternary = 1.6), e.g. 3.5")
-    p.add_argument("--finetune-steps", type=int, default=QuantConfig.finetune_steps,
-                   help=f"gdfq only: generator + fine-tuning iterations (default {QuantConfig.finetune_steps})")
-    p.add_argument("--synth-samples", type=_positive_int, default=QuantConfig.synth_samples)
-    p.add_argument("--synth-steps", type=_positive_int, default=QuantConfig.synth_steps)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", help="evaluation data: imagefolder:DIR, cifar10:DIR or cifar100:DIR")
-    p.add_argument("--limit", type=_positive_int, help="evaluate on N evenly spaced images")
-    p.add_argument("--mean", type=_floats3, help="override input normalisation mean, e.g. 0.485,0.456,0.406")
-    p.add_argument("--std", type=_floats3, help="override input normalisation std")
-    p.add_argument("--target", nargs="+", default=["torch"], choices=["torch", "onnx", "ort", "trt", "torch-cuda"],
-                   help="artifacts to produce/time (default torch: fake-quant model only)")
-    p.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--no-pack", action="store_true", help="skip writing model.dfmpc")
-    p.add_argument("--compress", action="store_true",
-                   help="Huffman-code the integer codes in model.dfmpc (trained weights: ~0.8x the dense file)")
-    p.add_argument("--out", required=True, type=Path, help="output directory (refused if it exists, unless --force)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
-    p.add_argument("--unsafe-pickle", action="store_true",
-                   help="allow full unpickling of a --weights file you trust (default: tensors only)")
+    seen: set[str] = set()
+    add_arguments(p, options_of(BuildConfig), seen)
+    group = p.add_argument_group("compensation passes", "flags of the passes; a --method that does not run a pass, "
+                                 "or pins its value, says so on stderr")
+    for cls in PASS_CLASSES:
+        add_arguments(group, options_of(cls), seen)
     p.set_defaults(func=_cmd_build)
 
 
 def _cmd_build(args) -> int:
+    import dataclasses
+
     from .build import BuildConfig, run_build
     from .core.progress import Progress
-    from .zoo.data import parse_data_spec
 
-    bits = parse_bits(args.bits)
-    qcfg = QuantConfig(bits=bits, lambda1=args.lambda1, lambda2=args.lambda2,
-                       compensation=args.c_mode != "off", c_mode="paper" if args.c_mode == "off" else args.c_mode,
-                       per_channel=args.per_channel, recal=args.recal, recal_scope=args.recal_scope,
-                       rounding=args.rounding, synth_samples=args.synth_samples, synth_steps=args.synth_steps,
-                       seed=args.seed, finetune_steps=args.finetune_steps, avg_bits=args.avg_bits,
-                       size_budget_bytes=round(args.size_budget_mb * 1e6) if args.size_budget_mb else None)
-    data = parse_data_spec(args.data) if args.data else None
-    from .zoo.models import get_spec
-    get_spec(args.model)  # fail fast on an unknown name
-    cfg = BuildConfig(model=args.model, weights=args.weights, quant=qcfg, method=args.method, data=data,
-                      limit=args.limit, mean=args.mean, std=args.std, targets=tuple(args.target),
-                      batch_sizes=tuple(args.batch_sizes), out=args.out, force=args.force,
-                      unsafe_pickle=args.unsafe_pickle, pack=not args.no_pack, compress=args.compress,
-                      explicit=_explicit_fields(sys.argv[1:] if args.argv is None else args.argv))
+    given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    build_fields = {f.name for f in dataclasses.fields(BuildConfig)}
+    cfg = BuildConfig(**{k: v for k, v in given.items() if k in build_fields},
+                      settings={k: v for k, v in given.items() if k not in build_fields})
     with Progress(enabled=None if not args.quiet else False) as prog:
         rep = run_build(cfg, progress=prog, warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
     if args.json:
-        print(json.dumps(rep, indent=2))
+        print(json.dumps(rep, indent=2, allow_nan=False))
     elif not args.quiet:
-        print(_summary(rep, args.out))
+        print(_summary(rep, cfg.out))
     return 0
 
 
@@ -188,6 +112,7 @@ def _cmd_inspect(args) -> int:
 
 
 SUBCOMMANDS = (_add_build, _add_models, _add_inspect)
+_NOT_SETTINGS = {"command", "func", "quiet", "json", "verbose"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -210,13 +135,17 @@ def _common() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
     parser = _parser()
-    args = parser.parse_args(argv)
-    args.argv = None if argv is None else list(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version (0) or a malformed command line (2, usage already printed)
+        return int(done.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)
     except UsageError as err:
-        parser.error(str(err))  # exits 2 with the usage line
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return err.exit_code
     except DfmpcError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

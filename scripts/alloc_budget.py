@@ -12,17 +12,15 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from cases import MODELS, load_case
 
-from dfmpc_deploy.core.config import QuantConfig, parse_bits
+from dfmpc_deploy.core.config import parse_bits
 from dfmpc_deploy.io.atomic import atomic_write_json
 from dfmpc_deploy.io.container import avg_code_bits, save_packed
-from dfmpc_deploy.passes.compensate import compensate
-from dfmpc_deploy.passes.recipes import fixed_pairing_bytes
+from dfmpc_deploy.passes.recipes import compensate, fixed_pairing_bytes
 from dfmpc_deploy.zoo.evaluate import accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +35,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "results" / "alloc_budget.json"))
     args = ap.parse_args()
-    cfg = QuantConfig(bits=parse_bits(args.bits), seed=args.seed)
-    lines = [f"CIFAR-10 test JPEGs ({args.limit or 'all 10,000'} images), candidate widths {cfg.bits.low}..{cfg.bits.high}, "
+    bits = parse_bits(args.bits)
+    lines = [f"CIFAR-10 test JPEGs ({args.limit or 'all 10,000'} images), candidate widths {bits.low}..{bits.high}, "
              f"seed {args.seed}, threads {torch.get_num_threads()}", "",
              "| model | budget | packed bytes | code bits/weight | widths (count per bit) | top-1 % | wall time s |",
              "|---|---|---|---|---|---|---|"]
@@ -47,12 +45,12 @@ def main() -> None:
     for key in args.models:
         name, lm, data = load_case(key, args.limit)
         shape = (3, lm.spec.input_size, lm.spec.input_size)
-        fixed_size = fixed_pairing_bytes(lm.module, cfg, name)
+        fixed_size = fixed_pairing_bytes(lm.module, bits, name)
         rows = []
         for frac in [None, *args.fractions]:
-            run_cfg = cfg if frac is None else replace(cfg, size_budget_bytes=int(fixed_size * frac))
+            budget = None if frac is None else int(fixed_size * frac)
             t = time.perf_counter()
-            mp = compensate(lm.module, run_cfg, shape, arch=name)
+            mp = compensate(lm.module, shape, arch=name, seed=args.seed, bits=bits, size_budget_bytes=budget)
             wall = time.perf_counter() - t
             with tempfile.TemporaryDirectory() as tmp:
                 packed = save_packed(mp, Path(tmp) / "m.dfmpc")["packed"]
@@ -61,8 +59,8 @@ def main() -> None:
             for q in mp.layers.values():
                 hist[q.bits] = hist.get(q.bits, 0) + 1
             avg = avg_code_bits(mp.layers.values())
-            label = f"fixed {cfg.bits} pairs" if frac is None else f"{frac:.2f} x fixed"
-            rows.append({"budget": label, "budget_bytes": run_cfg.size_budget_bytes, "packed_bytes": packed,
+            label = f"fixed {bits} pairs" if frac is None else f"{frac:.2f} x fixed"
+            rows.append({"budget": label, "budget_bytes": budget, "packed_bytes": packed,
                          "avg_code_bits": round(avg, 4), "bits_histogram": {str(b): n for b, n in sorted(hist.items())},
                          **acc, "wall_seconds": round(wall, 1)})
             lines.append(f"| {key} | {label} | {packed} | {avg:.2f} | "

@@ -14,19 +14,18 @@ from pathlib import Path
 
 import torch
 
-from dfmpc_deploy.core.config import QuantConfig
 from dfmpc_deploy.io.atomic import atomic_write_json
-from dfmpc_deploy.passes.compensate import compensate
+from dfmpc_deploy.passes.recipes import compensate
 from dfmpc_deploy.zoo.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 W = ROOT.parent / "shared" / "data" / "weights" / "akamaster_cifar10"
 CASES = [
-    ("resnet50", "random", QuantConfig(compensation=True, recal="none", rounding="nearest"), "closed form only"),
-    ("resnet18", "random", QuantConfig(compensation=True, recal="none", rounding="nearest"), "closed form only"),
-    ("resnet20_cifar10_optA", str(W / "resnet20-12fca82f.th"), QuantConfig(), "default pipeline"),
-    ("resnet56_cifar10_optA", str(W / "resnet56-4bfd9763.th"), QuantConfig(), "default pipeline"),
+    ("resnet50", "random", dict(c_mode="paper", recal="none", rounding="nearest"), "closed form only"),
+    ("resnet18", "random", dict(c_mode="paper", recal="none", rounding="nearest"), "closed form only"),
+    ("resnet20_cifar10_optA", str(W / "resnet20-12fca82f.th"), {}, "default pipeline"),
+    ("resnet56_cifar10_optA", str(W / "resnet56-4bfd9763.th"), {}, "default pipeline"),
 ]
 
 
@@ -42,9 +41,9 @@ def main() -> None:
         lm = load_model(name, weights)
         shape = (3, lm.spec.input_size, lm.spec.input_size)
         times, infos = [], []
-        for _ in range(args.repeat if cfg.recal == "none" else 1):
+        for _ in range(args.repeat if cfg.get("recal") == "none" else 1):
             t = time.perf_counter()
-            mp = compensate(lm.module, cfg, shape, arch=name)
+            mp = compensate(lm.module, shape, arch=name, **cfg)
             times.append(time.perf_counter() - t)
             infos.append(mp.info)
         k = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]

@@ -5,8 +5,8 @@
 
 Models: ResNet-18 (random weights, 3x224x224: latency only) and ResNet-56 option-A (akamaster's CIFAR-10 weights from
 ../shared/data, 3x32x32: latency and top-1 on the first ``--limit`` images, evenly spaced, of the JPEG test set).
-Models with real weights are compensated with the default ``QuantConfig()``; random-weight models (latency only) with
-2/6, no BN re-estimation, nearest rounding (``--full`` to use ``QuantConfig()`` there too: its synthesis takes many
+Models with real weights are compensated with the default dfmpc recipe; random-weight models (latency only) with
+2/6, no BN re-estimation, nearest rounding (``--full`` to use the default recipe there too: its synthesis takes many
 minutes at 224x224 on a small CPU; ``--quick`` for the fast configuration everywhere). The ONNX graph, hence the
 latency, does not depend on the configuration.
 
@@ -19,7 +19,6 @@ fake-quant model. The machine is shared: the p90/p99 columns show how noisy the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import sys
 import tempfile
@@ -28,10 +27,9 @@ from pathlib import Path
 
 import torch
 
-from dfmpc_deploy.core.config import BitsSpec, QuantConfig
 from dfmpc_deploy.deploy.targets import run_targets
 from dfmpc_deploy.io.atomic import atomic_write_json
-from dfmpc_deploy.passes.compensate import compensate
+from dfmpc_deploy.passes.recipes import compensate
 from dfmpc_deploy.zoo.data import load_dataset, parse_data_spec
 from dfmpc_deploy.zoo.models import load_model
 
@@ -43,9 +41,8 @@ WEIGHTS = {"resnet56_cifar10_optA": SHARED / "weights" / "akamaster_cifar10" / "
 CIFAR = SHARED / "cifar10-test-jpg" / "test"
 
 
-def quick_config() -> QuantConfig:
-    extra = {"rounding": "nearest"} if "rounding" in {f.name for f in dataclasses.fields(QuantConfig)} else {}
-    return QuantConfig(bits=BitsSpec(2, 6), recal="none", **extra)
+def quick_config() -> dict:
+    return {"bits": "2/6", "recal": "none", "rounding": "nearest"}
 
 
 def _cpu() -> str:
@@ -68,16 +65,16 @@ def bench(name: str, args, tmp: Path) -> dict:
         data = load_dataset(parse_data_spec(f"imagefolder:{CIFAR}"), s.input_size, s.resize, s.mean, s.std,
                             limit=args.limit)
     full = (weights != "random" or args.full) and not args.quick
-    cfg = QuantConfig() if full else quick_config()
+    settings = {} if full else quick_config()
     t = time.perf_counter()
-    mp = compensate(lm.module, cfg, shape, arch=name)
+    mp = compensate(lm.module, shape, arch=name, **settings)
     comp_s = time.perf_counter() - t
     print(f"[{name}] compensated in {comp_s:.1f} s ({mp.estimator})", file=sys.stderr)
     rep = run_targets(mp, lm.module, shape, ["onnx", "ort"], tmp / name, dataset=data,
                       batch_sizes=args.batch_sizes, progress=lambda m: print(f"[{name}] {m}", file=sys.stderr),
                       threads=args.threads, min_iters=args.min_iters, min_seconds=args.min_seconds)
     return {"model": name, "weights": "random" if weights == "random" else Path(weights).name,
-            "input_shape": list(shape), "config": "QuantConfig()" if full else "quick (2/6, recal none, nearest)",
+            "input_shape": list(shape), "config": "dfmpc defaults" if full else "quick (2/6, recal none, nearest)",
             "estimator": mp.estimator, "compensate_seconds": round(comp_s, 2), "threads": rep["threads"].get("ort"),
             "latency_ms": rep["latency_ms"].get("ort", {}), "speedup": rep["speedup"].get("ort", {}),
             "accuracy": rep["accuracy"], "parity": rep["parity"],
@@ -115,8 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all available CPUs)")
     p.add_argument("--min-iters", type=int, default=10, help="timed runs per model and batch size, at least")
     p.add_argument("--min-seconds", type=float, default=2.0, help="timed wall seconds per batch size, at least")
-    p.add_argument("--quick", action="store_true", help="2/6, recal none, nearest rounding instead of QuantConfig()")
-    p.add_argument("--full", action="store_true", help="QuantConfig() for random-weight models too (slow at 224x224)")
+    p.add_argument("--quick", action="store_true", help="2/6, recal none, nearest rounding instead of the defaults")
+    p.add_argument("--full", action="store_true", help="the default recipe for random-weight models too")
     p.add_argument("--out", default=str(ROOT / "results" / "bench_latency.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads or torch.get_num_threads()))

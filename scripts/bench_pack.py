@@ -11,7 +11,6 @@ rebuild with its random init, state-dict load).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -20,19 +19,17 @@ from pathlib import Path
 
 import torch
 
-from dfmpc_deploy.core.config import BitsSpec, QuantConfig
 from dfmpc_deploy.core.state import QuantLayer
 from dfmpc_deploy.io.container import CodeLayout, _decode, _encode, _read, load_packed, save_packed
-from dfmpc_deploy.passes.compensate import compensate
+from dfmpc_deploy.passes.recipes import compensate
 from dfmpc_deploy.zoo.models import get_spec, load_model
 
 PAPER_RESNET18_2_6_MIB = 5.48  # DF-MPC Table 3 ("MB" there is MiB: FP32 ResNet-18 is listed as 44.59)
 
 
-def quick_config() -> QuantConfig:
+def quick_config() -> dict:
     """2/6, no BN re-estimation, round-to-nearest: the fastest configuration (packing does not depend on it)."""
-    extra = {"rounding": "nearest"} if "rounding" in {f.name for f in dataclasses.fields(QuantConfig)} else {}
-    return QuantConfig(bits=BitsSpec(2, 6), recal="none", **extra)
+    return {"bits": "2/6", "recal": "none", "rounding": "nearest"}
 
 
 def _best(fn, repeat: int) -> tuple[float, object]:
@@ -48,8 +45,7 @@ def bench(name: str, repeat: int, tmp: Path) -> dict:
     spec = get_spec(name)
     model = load_model(name, "random").module
     t = time.perf_counter()
-    mp = compensate(model, quick_config(), (3, spec.input_size, spec.input_size),
-                    arch=name)
+    mp = compensate(model, (3, spec.input_size, spec.input_size), arch=name, **quick_config())
     comp_s = time.perf_counter() - t
     weights = sum(q.numel for q in mp.layers.values())
     mb = 4 * weights / 1e6

@@ -11,41 +11,36 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from cases import MODELS, load_case
 
-from calib_free import synthesize_inputs
-from dfmpc_deploy.core.config import QuantConfig, parse_bits
+from dfmpc_deploy.core.config import parse_bits
 from dfmpc_deploy.io.atomic import atomic_write_json
-from dfmpc_deploy.passes.compensate import compensate
+from dfmpc_deploy.passes.recipes import compensate
 from dfmpc_deploy.zoo.evaluate import accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (QuantConfig overrides, description)
+# name -> (recipe settings, description); every row runs the dfmpc recipe except "rtn"
 VARIANTS = {
-    "rtn": (dict(compensation=False, recal="none", rounding="nearest"), "round-to-nearest, FP BN statistics"),
-    "paper-c, FP stats": (dict(compensation=True, recal="none", rounding="nearest"),
+    "rtn": (dict(recipe="rtn"), "round-to-nearest, FP BN statistics"),
+    "paper-c, FP stats": (dict(c_mode="paper", recal="none", rounding="nearest"),
                           "closed-form c (Eq. 27), no re-estimation (D3-a)"),
-    "synthetic recal": (dict(compensation=False, rounding="nearest"), "BN stats of low-bit layers from synthetic inputs"),
-    "synthetic recal + paper-c": (dict(compensation=True, rounding="nearest"),
+    "synthetic recal": (dict(rounding="nearest"), "BN stats of low-bit layers from synthetic inputs"),
+    "synthetic recal + paper-c": (dict(c_mode="paper", rounding="nearest"),
                                   "paper's c solved with the re-estimated statistics"),
-    "synthetic recal + norm-c": (dict(compensation=True, c_mode="norm", rounding="nearest"),
-                                 "c without least-squares shrinkage"),
-    "synthetic recal + gptq (no grid search)": (dict(compensation=False, rounding="gptq", grid_search=False),
+    "synthetic recal + norm-c": (dict(c_mode="norm", rounding="nearest"), "c without least-squares shrinkage"),
+    "synthetic recal + gptq (no grid search)": (dict(grid_search=False),
                                                 "error-feedback codes on the TWN/DoReFa grid, synthetic H"),
-    "synthetic recal + gptq (no grid search) + paper-c": (dict(compensation=True, rounding="gptq", grid_search=False),
+    "synthetic recal + gptq (no grid search) + paper-c": (dict(c_mode="paper", grid_search=False),
                                                           "as above, paper c folded"),
     "synthetic recal + gptq (no grid search, all layers)": (
-        dict(compensation=False, rounding="gptq", gptq_scope="all", grid_search=False), "error feedback on every layer"),
-    "synthetic recal + gptq + grid search": (dict(compensation=False, rounding="gptq", grid_search=True),
-                                             "the default: grid step chosen per low-bit layer"),
-    "real recal [reference]": (dict(compensation=False, recal="real", rounding="nearest"), "200 REAL images (not data-free)"),
-    "real recal + gptq [reference]": (dict(compensation=False, recal="real", rounding="gptq", grid_search=False),
-                                      "200 REAL images"),
+        dict(rounding_scope="all", grid_search=False), "error feedback on every layer"),
+    "synthetic recal + gptq + grid search": ({}, "the default: grid step chosen per low-bit layer"),
+    "real recal [reference]": (dict(recal="real", rounding="nearest"), "200 REAL images (not data-free)"),
+    "real recal + gptq [reference]": (dict(recal="real", grid_search=False), "200 REAL images"),
 }
 
 
@@ -59,9 +54,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="synthesis seeds (rows report the mean)")
     ap.add_argument("--out", default=str(ROOT / "results" / "dfmpc_accuracy.json"))
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     bits = parse_bits(args.bits)
-    results = {"bits": str(bits), "per_channel": args.per_channel, "limit": args.limit, "seeds": args.seeds, "models": {}}
+    results = {"bits": str(bits), "per_channel": args.per_channel, "limit": args.limit, "seeds": args.seeds,
+               "threads": torch.get_num_threads(), "models": {}}
     table = ["| model | variant | top-1 % | top-5 % | gap to FP32 | compensate s |", "|---|---|---|---|---|---|"]
     for key in args.models:
         name, lm, data = load_case(key, args.limit)
@@ -71,31 +66,24 @@ def main() -> None:
         rows = {"fp32": {**fp, "seconds": 0.0}}
         table.append(f"| {key} | fp32 | {fp['top1']:.2f} | {fp['top5']:.2f} | 0.00 | - |")
         print(table[0] + "\n" + table[1] + "\n" + table[-1], flush=True) if key == args.models[0] else None
-        base = QuantConfig(bits=bits, per_channel=args.per_channel)
-        synth_cache: dict[int, tuple[torch.Tensor, float]] = {}
+        base = {"bits": bits, "per_channel": args.per_channel}
         for vname in args.variants:
             over, desc = VARIANTS.get(vname, ({}, "the CLI default"))
+            settings = {**base, **over}
+            recipe = settings.pop("recipe", "dfmpc")
             accs, secs = [], []
-            for seed in (args.seeds if replace(base, **over).recal == "synthetic" else [0]):
-                cfg = replace(base, seed=seed, **over)
-                shape = (3, s.input_size, s.input_size)
-                syn_s = 0.0
-                if cfg.recal == "synthetic":  # one synthesis per seed, shared by the variants (timed into each)
-                    if seed not in synth_cache:
-                        r = synthesize_inputs(lm.module, shape, cfg.synth_samples, cfg.synth_steps, cfg.synth_lr, seed)
-                        synth_cache[seed] = (r.inputs, r.seconds)
-                    syn_in, syn_s = synth_cache[seed]
+            for seed in (args.seeds if recipe != "rtn" and settings.get("recal") != "real" else [0]):
                 t = time.perf_counter()
-                mp = compensate(lm.module, cfg, shape, arch=name, real_inputs=real,
-                                synthetic=syn_in if cfg.recal == "synthetic" else None)
-                secs.append(time.perf_counter() - t + syn_s)
+                mp = compensate(lm.module, (3, s.input_size, s.input_size), recipe, arch=name, seed=seed,
+                                real_inputs=real, **settings)
+                secs.append(time.perf_counter() - t)
                 accs.append(accuracy(mp.module, data))
             top1 = sum(a["top1"] for a in accs) / len(accs)
             top5 = sum(a["top5"] for a in accs) / len(accs)
             rows[vname] = {"top1": round(top1, 2), "top5": round(top5, 2), "n": accs[0]["n"],
                            "top1_per_seed": [a["top1"] for a in accs], "seconds": round(sum(secs) / len(secs), 2),
-                           "estimator": mp.estimator, "description": desc, "config": {
-                               k: v for k, v in vars(cfg).items() if k != "bits"}}
+                           "estimator": mp.estimator, "description": desc,
+                           "passes": [{"name": p.name, "config": p.config, "info": p.info} for p in mp.config.passes]}
             table.append(f"| {key} | {vname} | {top1:.2f} | {top5:.2f} | {top1 - fp['top1']:+.2f} | "
                          f"{sum(secs) / len(secs):.1f} |")
             print(table[-1], flush=True)

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from cases import MODELS, load_case
 
-from dfmpc_deploy.core.config import QuantConfig, parse_bits
 from dfmpc_deploy.io.atomic import atomic_write_json
-from dfmpc_deploy.passes.recipes import run_method
+from dfmpc_deploy.passes.recipes import compensate
 from dfmpc_deploy.zoo.evaluate import accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,16 +44,16 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     rows = []
     for steps in args.steps:
-        cfg = QuantConfig(bits=parse_bits(args.bits), seed=args.seed, finetune_steps=steps)
         t = time.perf_counter()
-        mp = run_method("gdfq", lm.module, cfg, shape, arch=name)
+        mp = compensate(lm.module, shape, "gdfq", arch=name, seed=args.seed, bits=args.bits, finetune_steps=steps)
         wall = time.perf_counter() - t
+        student_steps = mp.config.record("finetune").info["student_steps"]
         acc = accuracy(mp.module, data)
         per_sample = wall / max(1, steps * 32)
-        rows.append({"steps": steps, "finetune_steps": mp.info["finetune_steps"], **acc,
+        rows.append({"steps": steps, "finetune_steps": student_steps, **acc,
                      "wall_seconds": round(wall, 1), "seconds_per_sample": per_sample,
                      "authors_schedule_hours_extrapolated": round(per_sample * AUTHORS_SAMPLES / 3600, 1)})
-        lines.append(f"| {steps} | {mp.info['finetune_steps']} | {acc['top1']:.2f} | {wall:.1f} | {per_sample:.4f} | "
+        lines.append(f"| {steps} | {student_steps} | {acc['top1']:.2f} | {wall:.1f} | {per_sample:.4f} | "
                      f"{rows[-1]['authors_schedule_hours_extrapolated']} |")
         print(lines[-1], flush=True)
     atomic_write_json(args.out, {"model": name, "bits": args.bits, "fp32": fp, "limit": args.limit,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .config import BitsSpec, WeightFormat
+from .graph import GraphAnalysis
 from .quantizers import dequantize
 
 __all__ = ["QuantLayer", "MixedPrecisionModel"]
@@ -70,6 +71,7 @@ class MixedPrecisionModel:
         config: the configuration that produced it (None for a model read back from a packed file).
         estimator: how the low-bit BN statistics were obtained (e.g. ``synthetic-bn-matching (64 samples)``).
         info: timings (seconds per step) and diagnostics for the report.
+        graph: the architecture's graph analysis (traced once; None until someone needs it).
     """
 
     module: nn.Module
@@ -78,3 +80,10 @@ class MixedPrecisionModel:
     config: Any
     estimator: str
     info: dict = field(default_factory=dict)
+    graph: GraphAnalysis | None = None
+
+    def analysis(self) -> GraphAnalysis:
+        """The graph analysis, traced on first use and kept."""
+        if self.graph is None:
+            self.graph = GraphAnalysis.of(self.module)
+        return self.graph

@@ -59,7 +59,6 @@ real size (float32 weights from 1.6-bit codes). Every failure is a BadFileError 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -74,7 +73,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import BitsSpec, QuantConfig, parse_bits
 from ..core.state import MixedPrecisionModel, QuantLayer
 from ..errors import BadFileError, DfmpcError
 from ..zoo.models import get_spec
@@ -245,9 +243,9 @@ def _file_bytes(mp: MixedPrecisionModel, ternary_layout: CodeLayout, compress: b
         if sd[k].dtype not in _DTYPE_NAMES:
             raise DfmpcError(f"state-dict entry '{k}' has dtype {sd[k].dtype}, which the packed format cannot store")
         tensors.append((f"float/{k}", _DTYPE_NAMES[sd[k].dtype], tuple(sd[k].shape), _raw(sd[k])))
-    cfg = dataclasses.asdict(mp.config) if dataclasses.is_dataclass(mp.config) else {}
-    meta = {"arch": mp.arch, "bits": str(mp.config.bits), "estimator": mp.estimator,
-            "config": json.loads(json.dumps(cfg, default=str)), "scale_dtype": "float32", "layers": layers,
+    widths = sorted({q.bits for q in mp.layers.values()})
+    meta = {"arch": mp.arch, "bits": f"{widths[0]}/{widths[-1]}" if widths else "", "estimator": mp.estimator,
+            "config": {}, "scale_dtype": "float32", "layers": layers,
             "floats": floats, "sha256": {t[0]: hashlib.sha256(t[3]).hexdigest() for t in tensors}}
     order = sorted(range(len(tensors)), key=lambda i: (-_DTYPES[tensors[i][1]].itemsize, i))
     header, pos = {}, 0
@@ -428,7 +426,7 @@ def save_packed(mp: MixedPrecisionModel, path: str | os.PathLike,
     if layout not in (CodeLayout.TERNARY_BASE3, CodeLayout.TERNARY_2BIT):
         raise ValueError(f"ternary_layout {ternary_layout!r}: choose 'ternary-base3' or 'ternary-2bit'")
     t0 = time.perf_counter()
-    log.info("Packing %s (%d layers, bits %s) -> %s", mp.arch, len(mp.layers), mp.config.bits, path)
+    log.info("Packing %s (%d layers) -> %s", mp.arch, len(mp.layers), path)
     data = _file_bytes(mp, layout, bool(compress))
     atomic_write_with(path, lambda tmp: _write_chunks(tmp, data))
     report = _size_report(_parse(data, str(path)), fp32_nbytes(mp.module))
@@ -496,7 +494,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None) -> Mixe
     seconds = time.perf_counter() - t0
     log.info("Finished loading in %.3f seconds", seconds)
     info = {"packed_file": str(path), "format_version": FORMAT_VERSION, "load_seconds": round(seconds, 4)}
-    return MixedPrecisionModel(module.eval(), layers, meta["arch"], _config(meta, path), meta["estimator"], info)
+    return MixedPrecisionModel(module.eval(), layers, meta["arch"], None, meta["estimator"], info)
 
 
 def _skeleton(arch: str, model: nn.Module | None, path) -> nn.Module:
@@ -511,21 +509,6 @@ def _skeleton(arch: str, model: nn.Module | None, path) -> nn.Module:
                          f"architecture: load_packed(path, model=<an instance of it>)") from None
     with torch.random.fork_rng(devices=[]):  # random init is overwritten; do not disturb the caller's RNG
         return spec.build(False)
-
-
-def _config(meta: dict, path) -> QuantConfig:
-    names = {f.name for f in dataclasses.fields(QuantConfig)}
-    kw = {k: v for k, v in meta["config"].items() if k in names}
-    try:
-        if "bits" in kw:
-            kw["bits"] = BitsSpec(**kw["bits"]) if isinstance(kw["bits"], dict) else parse_bits(str(kw["bits"]))
-        return QuantConfig(**kw)
-    except (DfmpcError, TypeError, ValueError) as err:
-        log.warning("%s: the stored QuantConfig is not understood (%s); keeping only bits=%s", path, err, meta["bits"])
-    try:
-        return QuantConfig(bits=parse_bits(meta["bits"]))
-    except DfmpcError as err:
-        raise BadFileError(f"{path}: bad bits {meta['bits']!r} in the metadata") from err
 
 
 def avg_code_bits(layers: Iterable[QuantLayer]) -> float:

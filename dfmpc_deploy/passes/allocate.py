@@ -1,4 +1,4 @@
-"""Sensitivity-based bit allocation under a size budget (issue 5; the idea of Lee et al. 2023, paper 002).
+"""Allocate pass: each layer's width chosen by data-free sensitivity under a size budget (after Lee et al. 2023).
 
 Data-free, no training:
 
@@ -31,10 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.graph import Role
+from ..core.options import option, positive_float
 from ..core.quantizers import dequantize, quantize_weight
-from ..errors import DfmpcError
+from ..core.state import MixedPrecisionModel
+from ..errors import DfmpcError, UsageError
+from .base import Context, Pass, register_pass
+from .quantize import requantize_, set_weights_
 
-__all__ = ["Allocation", "layer_sensitivity", "choose_bits", "fit_budget"]
+__all__ = ["Allocate", "Allocation", "layer_sensitivity", "choose_bits", "fit_budget", "megabytes"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -89,12 +94,13 @@ def layer_sensitivity(model: nn.Module, names: Iterable[str], inputs: torch.Tens
     """
     names, cands = list(names), sorted(set(int(b) for b in candidates))
     bn_after = bn_after or {}
-    ref = F.log_softmax(model(inputs).double(), dim=1)
-    q = copy.deepcopy(model).eval()
+    q = copy.deepcopy(model).eval().to(inputs.device)
+    ref = F.log_softmax(q(inputs).double(), dim=1)
     mods, fp = dict(q.named_modules()), dict(model.named_modules())
 
     def quant(name: str, bits: int) -> torch.Tensor:
-        return dequantize(*quantize_weight(fp[name].weight, bits, per_channel)).to(fp[name].weight.dtype)
+        w = fp[name].weight
+        return dequantize(*quantize_weight(w, bits, per_channel)).to(inputs.device, w.dtype)
 
     context = {n: quant(n, context_bits) for n in names}
     for n in names:
@@ -199,3 +205,91 @@ def fit_budget(scores: dict[str, dict[int, float]], sizes: dict[str, dict[int, i
         raise DfmpcError(f"could not fit the packed file into {budget} bytes after {max_rounds} corrections")
     code = sum(sizes[n][b] for n, b in bits.items())
     return Allocation(bits, code, budget, loss, scores)
+
+
+def megabytes(text: str) -> int:
+    """``--size-budget-mb`` value (MB = 10^6 bytes, a positive finite number) in bytes."""
+    return max(1, round(positive_float(text) * 1e6))
+
+
+@register_pass
+@dataclass(frozen=True)
+class Allocate(Pass):
+    """Choose every layer's width in LOW..HIGH of the quantize pass's bits so that the file fits a budget.
+
+    Without a budget the fixed low/high pairing stays (the pass does nothing), unless ``default_budget`` is
+    ``fixed-pairing`` (the ``dfmpc-alloc`` recipe): then the budget is the fixed pairing's own packed size.
+
+    Args:
+        size_budget_bytes: the packed file (analytic size, io.sizes) must fit this many bytes.
+        avg_bits: or: the integer codes must average at most this many bits per weight (ternary counts 1.6).
+        default_budget: ``none`` or ``fixed-pairing`` (see above).
+    """
+
+    name = "allocate"
+    size_budget_bytes: int | None = option(None, flag="--size-budget-mb", parse=megabytes, metavar="MB",
+                                           help="choose each layer's width in LOW..HIGH of --bits by data-free "
+                                                "sensitivity so that model.dfmpc fits MB megabytes (10^6 bytes), "
+                                                "e.g. 0.54")
+    avg_bits: float | None = option(None, flag="--avg-bits", parse=positive_float,
+                                    help="the same, as an average of bits per weight of the integer codes "
+                                         "(ternary = 1.6), e.g. 3.5")
+    default_budget: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.size_budget_bytes is not None and self.avg_bits is not None:
+            raise UsageError("give either --size-budget-mb or --avg-bits, not both")
+        if self.size_budget_bytes is not None and not (isinstance(self.size_budget_bytes, int)
+                                                       and self.size_budget_bytes > 0):
+            raise UsageError(f"bad --size-budget-mb: {self.size_budget_bytes!r} bytes; give a positive size, e.g. 0.2")
+        if self.avg_bits is not None and not (isinstance(self.avg_bits, (int, float)) and math.isfinite(self.avg_bits)
+                                              and 1.6 <= self.avg_bits <= 8):
+            raise UsageError(f"bad --avg-bits {self.avg_bits}: need 1.6 (all ternary) to 8, e.g. --avg-bits 3.5")
+        if self.default_budget not in ("none", "fixed-pairing"):
+            raise UsageError(f"allocate: default_budget {self.default_budget!r} must be 'none' or 'fixed-pairing'")
+
+    def apply(self, ctx: Context) -> dict:
+        from ..io.container import code_nbytes, packed_nbytes
+
+        def probe() -> MixedPrecisionModel:
+            return MixedPrecisionModel(ctx.model, ctx.layers, ctx.arch, None, ctx.estimator)
+
+        budget = self.size_budget_bytes
+        if budget is None and self.avg_bits is None:
+            if self.default_budget == "none":
+                return {"skipped": "no budget: the fixed low/high pairing"}
+            budget = packed_nbytes(probe())  # the quantize pass's fixed pairing, as packed
+        if ctx.inputs is None:
+            raise UsageError("bit allocation scores the layers on calibration inputs: use --recal synthetic "
+                             "(default, data-free) or real")
+        names = list(ctx.layers)
+        cands = list(range(ctx.bits.low, ctx.bits.high + 1))
+        first = {n: q.role for n, q in ctx.layers.items()}
+        progress = ctx.task("score layers")
+        scores = layer_sensitivity(ctx.fp_model, names, ctx.inputs, cands, ctx.bits.high, ctx.graph.bn_after,
+                                   ctx.per_channel, progress)
+        sizes = {n: {b: code_nbytes(b, ctx.layers[n].numel) for b in cands} for n in names}
+
+        def apply_bits(bits: dict[str, int]) -> None:
+            for n, b in bits.items():
+                if ctx.layers[n].bits == b:
+                    continue
+                role = Role.LOW if b < ctx.bits.high else (Role.HIGH if first[n] == Role.LOW else first[n])
+                requantize_(ctx, n, b, role)
+            set_weights_(ctx.model, ctx.layers)
+
+        if self.avg_bits is not None:
+            numel = sum(q.numel for q in ctx.layers.values())
+            alloc = fit_budget(scores, sizes, int(self.avg_bits * numel / 8))
+        else:
+            fixed = sum(code_nbytes(q.bits, q.numel) for q in ctx.layers.values())
+            overhead = packed_nbytes(probe()) - fixed
+
+            def measure(bits: dict[str, int]) -> int:
+                apply_bits(bits)
+                return packed_nbytes(probe())
+            alloc = fit_budget(scores, sizes, int(budget), measure, overhead)  # type: ignore[arg-type]
+        apply_bits(alloc.bits)
+        summary = alloc.summary({n: q.numel for n, q in ctx.layers.items()})
+        log.info("allocation: %s", summary)
+        return summary

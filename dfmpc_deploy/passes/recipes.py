@@ -1,197 +1,105 @@
-"""Related quantization methods behind one interface, so they run on the same model, data and bit budget.
+"""The named recipes: every method of the comparison as a list of passes, on the same layers, grids and file format.
 
-Every method quantizes the same layers to the same bits (low/high per pairing.py, TWN ternary / DoReFa grids of
-quantizers.py) and returns a :class:`MixedPrecisionModel`, so packing and size accounting are identical; only how
-the weights and the float state (BN statistics, biases) are chosen differs.
+Every recipe quantizes the same layers to the same bits (the quantize pass: low/high per the graph's pairs, TWN
+ternary / DoReFa grids) and returns a :class:`~dfmpc_deploy.core.state.MixedPrecisionModel`, so packing and size
+accounting are identical; only how the weights and the float state (BN statistics, biases) are chosen differs.
 
-* ``rtn``: round-to-nearest, FP statistics, nothing else.
-* ``dfq``: Nagel et al. 2019 (ICCV), data-free: cross-layer equalization (CLE) + analytic bias correction.
-* ``dfmpc``: this project's default pipeline (``QuantConfig()``).
-* ``dfmpc-paper``: the paper as printed: closed-form c (Eq. 27) folded, FP statistics, nearest rounding.
-* ``zeroq``: Cai et al. 2020: inputs synthesised from the BN statistics, then every BN re-estimated on them.
-* ``gdfq``: Xu et al. 2020: a generator trained with BN-statistics and class-boundary losses, then the quantized
-  model fine-tuned on its samples (gdfq.py; ``finetune_steps`` sets the budget).
-* ``dfmpc-alloc``: DF-MPC with each layer's width chosen by data-free sensitivity under a size budget (allocate.py,
-  the idea of paper 002); without ``size_budget_bytes`` / ``avg_bits`` the budget is the size of the fixed
-  low/high pairing's packed file, so it is compared at the same size.
+=============  ======================================================================================================
+``rtn``        quantize (round-to-nearest, FP statistics).
+``dfq``        equalize -> quantize -> bias_correct (Nagel et al. 2019: CLE + analytic bias correction, data-free).
+``dfmpc``      quantize -> calibrate -> allocate -> recalibrate -> solve_c: this project's default (synthetic
+               statistics, error feedback, grid search; c solved and reported; allocation only under a budget).
+``dfmpc-paper`` quantize -> solve_c (folded): the equations as printed (FP statistics, nearest rounding).
+``zeroq``      quantize -> calibrate -> recalibrate (every BN, nearest rounding): Cai et al. 2020.
+``gdfq``       quantize -> finetune: Xu et al. 2020 (generator + straight-through fine-tuning).
+``dfmpc-alloc`` ``dfmpc`` whose allocate pass, given no budget, takes the fixed pairing's own packed size.
+=============  ======================================================================================================
 
-DFQ's implementation choices are in dfq.py. This module imports no torch, so ``dfmpc-deploy --help`` stays light.
+Importing this module registers every pass (their flags are what the CLI offers).
 """
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Any
 
-from ..core.config import QuantConfig
+import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from torch import nn
+from ..core.state import MixedPrecisionModel
+from ..errors import DfmpcError
+from .allocate import Allocate
+from .base import PASS_CLASSES, Recipe, RecipeRun, run_recipe
+from .calibrate import Calibrate
+from .equalize import BiasCorrect, Equalize
+from .finetune import Finetune
+from .quantize import Quantize
+from .recalibrate import Recalibrate
+from .solve_c import SolveC
 
-    from ..core.state import MixedPrecisionModel
+__all__ = ["RECIPES", "get_recipe", "compensate", "fixed_pairing_bytes", "PASS_CLASSES", "RecipeRun"]
 
-__all__ = ["MethodSpec", "METHODS", "DATA_USED", "method_config", "run_method", "method_overrides", "fixed_pairing_bytes"]
+_DFMPC = ((Quantize, {}), (Calibrate, {}), (Allocate, {}), (Recalibrate, {}), (SolveC, {}))
 
-log = logging.getLogger("dfmpc_deploy")
-
-DATA_USED = ("none", "synthetic", "real")
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One registered method.
-
-    Attributes:
-        name: registry key (``--method``).
-        description: one line for tables and ``--help``.
-        data_used: ``none`` | ``synthetic`` | ``real`` (what the method reads besides the weights).
-        fine_tuning: whether weights are trained (by gradient steps) after quantization.
-        config: maps the user's QuantConfig (bits, seed, budgets) to the one the method runs under.
-        run: ``run(model, cfg, input_shape, arch=None, real_inputs=None, progress=None) -> MixedPrecisionModel``;
-            ``cfg`` is the user's QuantConfig, ``run`` applies :attr:`config` itself.
-    """
-
-    name: str
-    description: str
-    data_used: str
-    fine_tuning: bool
-    config: Callable[[QuantConfig], QuantConfig]
-    run: Callable[..., MixedPrecisionModel]
-
-    def __post_init__(self) -> None:
-        if self.data_used not in DATA_USED:
-            raise ValueError(f"method {self.name!r}: data_used {self.data_used!r} not in {DATA_USED}")
-
-
-_FIXED_BITS = dict(size_budget_bytes=None, avg_bits=None)  # methods that keep the fixed low/high pairing
-
-
-def _rtn_config(cfg: QuantConfig) -> QuantConfig:
-    return replace(cfg, compensation=False, recal="none", rounding="nearest", **_FIXED_BITS)
-
-
-def _compensating(config: Callable[[QuantConfig], QuantConfig]) -> Callable[..., MixedPrecisionModel]:
-    def run(model, cfg, input_shape, arch=None, real_inputs=None, progress=None, synthetic=None):
-        from .compensate import compensate
-        return compensate(model, config(cfg), input_shape, arch=arch, real_inputs=real_inputs, progress=progress,
-                          synthetic=synthetic)
-    return run
-
-
-def _dfq(model, cfg, input_shape, **kwargs):
-    from .dfq import dfq
-    return dfq(model, cfg, input_shape, **kwargs)
-
-
-def _gdfq(model, cfg, input_shape, arch=None, progress=None, **_):
-    from .gdfq import gdfq
-    return gdfq(model, cfg, input_shape, arch=arch, progress=progress)
-
-
-def fixed_pairing_bytes(model, cfg: QuantConfig, arch: str | None) -> int:
-    """Packed size of ``model`` under the fixed low/high pairing at ``cfg.bits`` (round-to-nearest: same size)."""
-    from ..io.container import packed_nbytes
-    from .compensate import compensate
-    return packed_nbytes(compensate(model, _rtn_config(cfg), (1, 1, 1), arch=arch))
-
-
-def _dfmpc_alloc(model, cfg, input_shape, arch=None, **kwargs):
-    from .compensate import compensate
-    if not cfg.allocating:
-        cfg = replace(cfg, size_budget_bytes=fixed_pairing_bytes(model, cfg, arch))
-    return compensate(model, cfg, input_shape, arch=arch, **kwargs)
-
-
-_DFMPC_PAPER = dict(compensation=True, c_mode="paper", recal="none", rounding="nearest", **_FIXED_BITS)
-_ZEROQ = dict(compensation=False, rounding="nearest", recal="synthetic", recal_scope="all", **_FIXED_BITS)
-
-
-def _spec(name, description, data_used, fine_tuning, config, run=None) -> MethodSpec:
-    return MethodSpec(name, description, data_used, fine_tuning, config, run or _compensating(config))
-
-
-#: name -> MethodSpec, in table order
-METHODS: dict[str, MethodSpec] = {s.name: s for s in (
-    _spec("rtn", "round-to-nearest at the same bits, no compensation, FP statistics", "none", False, _rtn_config),
-    _spec("dfq", "DFQ (Nagel 2019): cross-layer equalization + analytic bias correction", "none", False,
-          _rtn_config, _dfq),
-    _spec("dfmpc", "DF-MPC: low/high pairs, closed-form c, data-free BN statistics", "synthetic", False,
-          lambda cfg: cfg),
-    _spec("dfmpc-paper", "DF-MPC as printed: closed-form c folded, FP statistics, nearest rounding", "none", False,
-          lambda cfg: replace(cfg, **_DFMPC_PAPER)),
-    _spec("zeroq", "ZeroQ: BN-statistics-matched synthetic inputs, every BN re-estimated", "synthetic", False,
-          lambda cfg: replace(cfg, **_ZEROQ)),
-    _spec("gdfq", "GDFQ (Xu 2020): generator (BN statistics + class boundary) then STE fine-tuning", "synthetic", True,
-          lambda cfg: replace(cfg, **_FIXED_BITS), _gdfq),
-    _spec("dfmpc-alloc", "DF-MPC with per-layer widths from data-free sensitivity under the same size budget",
-          "synthetic", False, lambda cfg: cfg, _dfmpc_alloc),
+#: name -> Recipe, in table order
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("rtn", "round-to-nearest at the same bits, no compensation, FP statistics", "none", False,
+           ((Quantize, {}),)),
+    Recipe("dfq", "DFQ (Nagel 2019): cross-layer equalization + analytic bias correction", "none", False,
+           ((Equalize, {}), (Quantize, {}), (BiasCorrect, {}))),
+    Recipe("dfmpc", "DF-MPC: low/high pairs, closed-form c, data-free BN statistics", "synthetic", False, _DFMPC),
+    Recipe("dfmpc-paper", "DF-MPC as printed: closed-form c folded, FP statistics, nearest rounding", "none", False,
+           ((Quantize, {}), (SolveC, {"c_mode": "paper"}))),
+    Recipe("zeroq", "ZeroQ: BN-statistics-matched synthetic inputs, every BN re-estimated", "synthetic", False,
+           ((Quantize, {}), (Calibrate, {"recal": "synthetic"}),
+            (Recalibrate, {"rounding": "nearest", "recal_scope": "all"}))),
+    Recipe("gdfq", "GDFQ (Xu 2020): generator (BN statistics + class boundary) then STE fine-tuning", "synthetic", True,
+           ((Quantize, {}), (Finetune, {}))),
+    Recipe("dfmpc-alloc", "DF-MPC with per-layer widths from data-free sensitivity under the same size budget",
+           "synthetic", False,
+           ((Quantize, {}), (Calibrate, {}), (Allocate, {"default_budget": "fixed-pairing"}), (Recalibrate, {}),
+            (SolveC, {}))),
 )}
 
-#: QuantConfig field -> the build flag that sets it (for override warnings)
-FLAGS = {"compensation": "--c-mode", "c_mode": "--c-mode", "recal": "--recal", "recal_scope": "--recal-scope",
-         "rounding": "--rounding", "per_channel": "--per-channel", "synth_samples": "--synth-samples",
-         "synth_steps": "--synth-steps", "lambda1": "--lambda1", "lambda2": "--lambda2",
-         "size_budget_bytes": "--size-budget-mb", "avg_bits": "--avg-bits", "finetune_steps": "--finetune-steps"}
 
-#: fields a method does not read at all (its own procedure replaces them)
-_IGNORES = {
-    "rtn": ("size_budget_bytes", "avg_bits", "finetune_steps"),
-    "dfq": ("recal", "recal_scope", "synth_samples", "synth_steps", "size_budget_bytes", "avg_bits", "finetune_steps"),
-    "dfmpc": ("finetune_steps",),
-    "dfmpc-paper": ("size_budget_bytes", "avg_bits", "finetune_steps"),
-    "zeroq": ("size_budget_bytes", "avg_bits", "finetune_steps"),
-    "gdfq": ("compensation", "c_mode", "recal", "recal_scope", "rounding", "synth_samples", "synth_steps",
-             "lambda1", "lambda2", "size_budget_bytes", "avg_bits"),
-    "dfmpc-alloc": ("finetune_steps",),
-}
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``.
+
+    Raises:
+        DfmpcError: unknown name (the message lists the recipes).
+    """
+    if name not in RECIPES:
+        raise DfmpcError(f"unknown method '{name}': choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]
 
 
-def method_overrides(name: str, cfg: QuantConfig, explicit: frozenset[str] | set[str]) -> list[str]:
-    """Build flags the user set (``explicit``: QuantConfig field names) that method ``name`` replaces or ignores.
+def compensate(model: nn.Module, input_shape: tuple[int, int, int], recipe: str = "dfmpc", *, arch: str | None = None,
+               real_inputs: torch.Tensor | None = None, progress: Any = None, device: str | torch.device = "cpu",
+               seed: int = 0, **settings: Any) -> MixedPrecisionModel:
+    """Quantize ``model`` to mixed precision with a named recipe (DF-MPC by default), without data by default.
+
+    Args:
+        model: FP32 eval-mode model built of Conv2d/BatchNorm2d/activations/Linear (not modified).
+        input_shape: (C, H, W) of one input (for the synthetic samples).
+        recipe: a name in :data:`RECIPES`.
+        arch, real_inputs, progress, device, seed: see :func:`dfmpc_deploy.passes.base.run_recipe`.
+        **settings: pass settings by field name, as the CLI flags (``bits="3/6"``, ``synth_steps=50``,
+            ``c_mode="paper"``, ``rounding="nearest"``, ...).
 
     Returns:
-        One message per flag, e.g. ``"--rounding gptq is replaced by zeroq's nearest"``.
-    """
-    mine = METHODS[name].config(cfg)
-    out, seen = [], set()
-    for f in sorted(explicit):
-        flag = FLAGS.get(f)
-        if flag is None or flag in seen:
-            continue
-        if f in _IGNORES.get(name, ()):
-            out.append(f"{flag} is not used by {name}")
-            seen.add(flag)
-        elif getattr(mine, f) != getattr(cfg, f):
-            out.append(f"{flag} {_show(getattr(cfg, f))} is replaced by {name}'s {_show(getattr(mine, f))}")
-            seen.add(flag)
-    return out
-
-
-def _show(v) -> str:
-    return ("on" if v else "off") if isinstance(v, bool) else str(v)
-
-
-def method_config(name: str, cfg: QuantConfig) -> QuantConfig:
-    """The QuantConfig method ``name`` runs under, given the user's ``cfg``."""
-    return METHODS[name].config(cfg)
-
-
-def run_method(name: str, model: nn.Module, cfg: QuantConfig, input_shape: tuple[int, int, int],
-               **kwargs) -> MixedPrecisionModel:
-    """Run registered method ``name`` (see :data:`METHODS`); ``kwargs`` go to its ``run``.
+        MixedPrecisionModel whose ``module`` computes with the compensated dequantised weights; ``config`` is the
+        :class:`RecipeRun` (the exact pass configs that ran).
 
     Example::
 
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
-        >>> mp = run_method("dfq", net, QuantConfig(), (3, 16, 16))
-        >>> sorted(q.role for q in mp.layers.values())
+        >>> mp = compensate(net, (3, 16, 16), recal="none", rounding="nearest")
+        >>> sorted(q.role.value for q in mp.layers.values())
         ['high-compensating', 'low']
     """
-    spec = METHODS[name]
-    t0 = time.perf_counter()
-    log.info("method %s: start", name)
-    mp = spec.run(model, cfg, input_shape, **kwargs)
-    log.info("method %s: finished in %.3f s", name, time.perf_counter() - t0)
-    return mp
+    return run_recipe(get_recipe(recipe), model, input_shape, settings, arch=arch, real_inputs=real_inputs,
+                      progress=progress, device=device, seed=seed)
+
+
+def fixed_pairing_bytes(model: nn.Module, bits: Any, arch: str | None = None) -> int:
+    """Packed size of ``model`` under the fixed low/high pairing at ``bits`` (round-to-nearest: the same size)."""
+    from ..io.container import packed_nbytes
+    return packed_nbytes(compensate(model, (1, 1, 1), "rtn", arch=arch, bits=bits))

@@ -46,7 +46,8 @@ def render_markdown(rep: dict) -> str:
         lines.append(f"- bits: {rep['bits']}  (low = {'ternary' if rep['bits'].startswith('2/') else 'DoReFa'},"
                      f" high = DoReFa; activations FP32)")
     lines.append(f"- method: {rep['method']}; BN statistics estimator: {rep['estimator']}")
-    lines.append(f"- compensation config: {rep['config']}")
+    for p in rep.get("recipe", {}).get("passes", []):
+        lines.append(f"- pass {p['name']} ({p['seconds']} s): {p['config']}")
     acc = rep.get("accuracy")
     if acc:
         lines += ["", f"## Accuracy on {acc['dataset']} (n = {acc['n']})", "",

@@ -191,6 +191,31 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], origin: str) -> No
     model.load_state_dict({k: v for k, v in sd.items()}, strict=False)
 
 
+@torch.no_grad()
+def settle_bn_statistics_(model: nn.Module, input_shape: tuple[int, int, int], seed: int = 0, batch: int = 8) -> None:
+    """In place: give every BatchNorm the statistics of its input when Gaussian images flow through ``model``.
+
+    A freshly initialised model's BN layers hold identity statistics (mean 0, variance 1), which describe no input;
+    a trained model's describe its training data. Seeded random weights are meant to exercise the pipeline the way
+    a trained model does (sizes, latency, and the work of every pass), so they get the population statistics of
+    N(0, 1) inputs - still labelled random in every report.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batch
+    model.train()
+    try:
+        model(torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(seed)))
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.eval()
+
+
 def load_model(name: str, weights: str = "pretrained", seed: int = 0, unsafe_pickle: bool = False) -> LoadedModel:
     """Build a named model with pretrained, seeded random or local weights, in eval mode.
 
@@ -210,6 +235,7 @@ def load_model(name: str, weights: str = "pretrained", seed: int = 0, unsafe_pic
     if weights == "random":
         torch.manual_seed(seed)
         model = spec.build(False)
+        settle_bn_statistics_(model, (3, spec.input_size, spec.input_size), seed)
     elif weights == "pretrained":
         model = spec.build(True)
     else:

@@ -1,12 +1,12 @@
 import torch
 
-from calib_free import collect_bn_stats, recalibrate_bn_, synthesize_inputs
+from calib_free import SynthBudget, collect_bn_stats, recalibrate_bn_, synthesize_inputs
 from tests.conftest import example_inputs, make_tiny_net
 
 
 def test_synthesis_reduces_bn_statistics_mismatch():
     net = make_tiny_net()
-    res = synthesize_inputs(net, (3, 16, 16), n=16, steps=40, lr=0.1)
+    res = synthesize_inputs(net, (3, 16, 16), n=16, steps=40, lr=0.1, patience=0)
     assert res.inputs.shape == (16, 3, 16, 16)
     assert res.final_loss < 0.5 * res.initial_loss, (res.initial_loss, res.final_loss)
     assert not any(p.grad is not None for p in net.parameters())
@@ -22,3 +22,25 @@ def test_recalibration_sets_exact_batch_statistics():
     assert torch.allclose(st.mean.float(), z.mean(dim=(0, 2, 3)), atol=1e-5)
     assert torch.allclose(st.var.float(), z.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4)
     assert not net.training and not net.bn0.training
+
+
+def test_synthesis_stops_when_the_loss_stops_improving():
+    net = make_tiny_net()
+    res = synthesize_inputs(net, (3, 16, 16), n=8, steps=200, lr=0.0, patience=5)  # lr 0: the loss cannot move
+    assert res.stopped_early and res.steps == 50 and res.steps_max == 200  # not before a quarter of the steps
+    assert res.final_loss == res.initial_loss
+    full = synthesize_inputs(net, (3, 16, 16), n=8, steps=30, lr=0.1, patience=0)
+    assert not full.stopped_early and full.steps == 30 and full.final_loss <= full.initial_loss
+
+
+def test_budget_follows_the_input_size():
+    from calib_free import synth_budget
+    assert synth_budget((3, 32, 32)) == SynthBudget(32, 100)
+    assert synth_budget((3, 224, 224)) == SynthBudget(8, 40)
+
+
+def test_a_model_without_statistics_is_refused():
+    import pytest
+    from torch import nn
+    with pytest.raises(ValueError, match="no BatchNorm2d"):
+        synthesize_inputs(nn.Sequential(nn.Conv2d(3, 4, 3)), (3, 8, 8), n=2, steps=1)

@@ -1,24 +1,21 @@
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from dfmpc_deploy.core.config import BitsSpec, QuantConfig
 from dfmpc_deploy.deploy.onnx_export import VARIANTS, export_onnx, export_variants
 from dfmpc_deploy.errors import DfmpcError
-from dfmpc_deploy.passes.compensate import compensate
+from dfmpc_deploy.passes.recipes import compensate
 from tests.conftest import example_inputs, make_tiny_net
 
 onnx = pytest.importorskip("onnx")
 SHAPE = (3, 16, 16)
 
 
-def quick_cfg(bits=(2, 6), **kw) -> QuantConfig:
-    if "rounding" in {f.name for f in dataclasses.fields(QuantConfig)}:
-        kw.setdefault("rounding", "nearest")
-    return QuantConfig(bits=BitsSpec(*bits), recal="none", **kw)
+def quick_cfg(bits=(2, 6), **kw) -> dict:
+    """Settings for a fast compensation: no statistics re-estimation, nearest rounding."""
+    return {"bits": f"{bits[0]}/{bits[1]}", "recal": "none", "rounding": "nearest", **kw}
 
 
 def _relu6_net(negative_gamma: bool = False) -> nn.Module:
@@ -39,7 +36,7 @@ def _relu6_net(negative_gamma: bool = False) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def tiny_exports(tmp_path_factory):
-    mp = compensate(make_tiny_net(), quick_cfg(compensation=True), SHAPE)
+    mp = compensate(make_tiny_net(), SHAPE, **quick_cfg(c_mode="paper"))
     out = tmp_path_factory.mktemp("onnx")
     return mp, export_variants(mp, out, SHAPE, VARIANTS, opset=21, int4=True), out
 
@@ -114,7 +111,7 @@ def test_in_scale_mul_negative_bn_gamma_and_requantised_8bit(tmp_path):
     pytest.importorskip("onnxruntime")
     from dfmpc_deploy.deploy.ort import parity
 
-    mp = compensate(_relu6_net(negative_gamma=True), quick_cfg((2, 8), compensation=True), SHAPE)
+    mp = compensate(_relu6_net(negative_gamma=True), SHAPE, **quick_cfg((2, 8), c_mode="paper"))
     assert any(q.in_scale is not None for q in mp.layers.values())
     res = export_variants(mp, tmp_path, SHAPE, ("fp32", "wdq", "w8a8"))
     m = onnx.load(res["wdq"].path)
@@ -131,7 +128,7 @@ def test_in_scale_mul_negative_bn_gamma_and_requantised_8bit(tmp_path):
 
 
 def test_export_onnx_single_file_and_errors(tmp_path):
-    mp = compensate(make_tiny_net(), quick_cfg(), SHAPE)
+    mp = compensate(make_tiny_net(), SHAPE, **quick_cfg())
     p = export_onnx(mp, tmp_path / "x.onnx", SHAPE, "w8a8")
     assert p == tmp_path / "x.onnx" and p.is_file()
     with pytest.raises(DfmpcError, match="unknown ONNX variant"):

@@ -1,12 +1,10 @@
-import dataclasses
 
 import pytest
 import torch
 
-from dfmpc_deploy.core.config import BitsSpec, QuantConfig
 from dfmpc_deploy.deploy.onnx_export import export_variants
 from dfmpc_deploy.errors import DfmpcError
-from dfmpc_deploy.passes.compensate import compensate
+from dfmpc_deploy.passes.recipes import compensate
 from dfmpc_deploy.zoo.data import Dataset
 from dfmpc_deploy.zoo.evaluate import accuracy as torch_accuracy
 from tests.conftest import CIFAR_TEST, R20_WEIGHTS, example_inputs, make_tiny_net, needs_shared
@@ -18,15 +16,13 @@ from dfmpc_deploy.deploy import ort  # noqa: E402
 SHAPE = (3, 16, 16)
 
 
-def _cfg(bits=(2, 6), **kw) -> QuantConfig:
-    if "rounding" in {f.name for f in dataclasses.fields(QuantConfig)}:
-        kw.setdefault("rounding", "nearest")
-    return QuantConfig(bits=BitsSpec(*bits), **kw)
+def _cfg(bits=(2, 6), **kw) -> dict:
+    return {"bits": f"{bits[0]}/{bits[1]}", "rounding": "nearest", **kw}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    mp = compensate(make_tiny_net(), _cfg(recal="none"), SHAPE)
+    mp = compensate(make_tiny_net(), SHAPE, **_cfg(recal="none"))
     return mp, export_variants(mp, tmp_path_factory.mktemp("ort"), SHAPE, ("fp32", "w8a8_ort"))
 
 
@@ -77,7 +73,7 @@ def test_top1_of_every_variant_on_real_cifar(tmp_path):
     lm = load_model("resnet20_cifar10_optA", str(R20_WEIGHTS))
     s = lm.spec
     data = load_dataset(parse_data_spec(f"imagefolder:{CIFAR_TEST}"), s.input_size, s.resize, s.mean, s.std, limit=200)
-    mp = compensate(lm.module, _cfg((4, 8), recal="real"), (3, 32, 32), arch=lm.spec.name, real_inputs=data.images)
+    mp = compensate(lm.module, (3, 32, 32), arch=lm.spec.name, real_inputs=data.images, **_cfg((4, 8), recal="real"))
     ref = torch_accuracy(mp.module, data)["top1"]
     assert ref >= 70, f"fake-quant reference top-1 {ref} unexpectedly low"
     res = export_variants(mp, tmp_path, (3, 32, 32))

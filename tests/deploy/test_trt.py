@@ -3,17 +3,15 @@
 Engines are really built here when ``tensorrt_rtx`` is installed (its builder works without a GPU); running them
 needs CUDA and is skipped otherwise.
 """
-import dataclasses
 
 import pytest
 import torch
 
-from dfmpc_deploy.core.config import BitsSpec, QuantConfig
 from dfmpc_deploy.deploy import targets as targets_mod
 from dfmpc_deploy.deploy import trt
 from dfmpc_deploy.deploy.onnx_export import export_variants
 from dfmpc_deploy.errors import DfmpcError, MissingDependencyError, UsageError
-from dfmpc_deploy.passes.compensate import compensate
+from dfmpc_deploy.passes.recipes import compensate
 from tests.conftest import example_inputs, make_tiny_net
 
 pytest.importorskip("onnx")
@@ -21,9 +19,8 @@ SHAPE = (3, 16, 16)
 no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (engines only run on NVIDIA GPUs)")
 
 
-def _cfg(bits=(2, 6)) -> QuantConfig:
-    extra = {"rounding": "nearest"} if "rounding" in {f.name for f in dataclasses.fields(QuantConfig)} else {}
-    return QuantConfig(bits=BitsSpec(*bits), recal="none", **extra)
+def _cfg(bits=(2, 6)) -> dict:
+    return {"bits": f"{bits[0]}/{bits[1]}", "recal": "none", "rounding": "nearest"}
 
 
 def _onnx_weight_bytes(path) -> int:
@@ -50,7 +47,7 @@ def _need_builder():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    mp = compensate(make_tiny_net(), _cfg(), SHAPE)
+    mp = compensate(make_tiny_net(), SHAPE, **_cfg())
     out = tmp_path_factory.mktemp("trt")
     return mp, export_variants(mp, out, SHAPE), out
 
@@ -143,7 +140,7 @@ def test_resnet18_2_6_engines_have_sane_sizes(tmp_path):
     from dfmpc_deploy.zoo.models import load_model
 
     lm = load_model("resnet18", "random")
-    mp = compensate(lm.module, _cfg(), (3, 224, 224), arch="resnet18")
+    mp = compensate(lm.module, (3, 224, 224), arch="resnet18", **_cfg())
     e = export_variants(mp, tmp_path, (3, 224, 224), ("wdq",), opset=21, int4=True)["wdq"]  # ternary as INT4
     art = trt.build_engine(e.path, tmp_path / "engine_wdq.plan", "wdq", max_batch=32)
     w = _onnx_weight_bytes(e.path)

@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dfmpc_deploy.core.config import BitsSpec, QuantConfig
 from dfmpc_deploy.errors import BadFileError, DfmpcError
 from dfmpc_deploy.io import container as P
 from dfmpc_deploy.io.container import (
@@ -30,7 +29,7 @@ from dfmpc_deploy.io.container import (
     unpack_ternary2,
     unpack_ternary_base3,
 )
-from dfmpc_deploy.passes.compensate import compensate
+from dfmpc_deploy.passes.recipes import compensate
 
 LENGTHS = list(range(1, 38)) + [41, 43, 47, 97, 101, 257, 1009]
 SHAPES = [(7,), (3, 5), (2, 3, 7), (4, 3, 3, 3), (5, 1, 3, 3), (1, 1, 1, 1), (13, 11)]
@@ -47,10 +46,9 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def quick_config(low: int = 2, high: int = 6) -> QuantConfig:
+def quick_config(low: int = 2, high: int = 6) -> dict:
     """No BN re-estimation and round-to-nearest: fast, and packing does not depend on how codes were chosen."""
-    extra = {"rounding": "nearest"} if "rounding" in {f.name for f in dataclasses.fields(QuantConfig)} else {}
-    return QuantConfig(bits=BitsSpec(low, high), recal="none", compensation=True, **extra)
+    return {"bits": f"{low}/{high}", "recal": "none", "c_mode": "paper", "rounding": "nearest"}
 
 
 def variant_net(variant: str = "relu") -> nn.Module:
@@ -205,7 +203,7 @@ def test_unpack_resnet50_sized_codes_is_fast():
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    return {v: (variant_net(v), compensate(variant_net(v), quick_config(), (3, 16, 16), arch=f"tiny-{v}"))
+    return {v: (variant_net(v), compensate(variant_net(v), (3, 16, 16), **quick_config(), arch=f"tiny-{v}"))
             for v in ("relu", "relu6", "nobn")}
 
 
@@ -221,7 +219,7 @@ def _assert_same_model(a, b, x):
         assert torch.equal(qa.scale, qb.scale)
         assert (qa.in_scale is None) == (qb.in_scale is None)
         assert qa.in_scale is None or torch.equal(qa.in_scale, qb.in_scale)
-    assert (a.arch, a.estimator, a.config) == (b.arch, b.estimator, b.config)
+    assert (a.arch, a.estimator) == (b.arch, b.estimator)
 
 
 @pytest.mark.parametrize("layout", ["ternary-base3", "ternary-2bit"])
@@ -242,13 +240,13 @@ def test_tiny_round_trip_bit_exact(tiny_models, tmp_path, variant, layout):
 @pytest.mark.parametrize("low,high", [(2, 6), (3, 6), (4, 8), (2, 2), (5, 7)])
 def test_bit_widths_round_trip(tmp_path, low, high):
     net = variant_net("relu")
-    mp = compensate(net, quick_config(low, high), (3, 16, 16))
+    mp = compensate(net, (3, 16, 16), **quick_config(low, high))
     save_packed(mp, tmp_path / "m.dfpk")
     _assert_same_model(mp, load_packed(tmp_path / "m.dfpk", model=net), variant_inputs())
 
 
 def test_shared_tiny_net_round_trip(tiny_net, tmp_path):
-    mp = compensate(tiny_net, quick_config(), (3, 16, 16))
+    mp = compensate(tiny_net, (3, 16, 16), **quick_config())
     save_packed(mp, tmp_path / "m.dfpk")
     _assert_same_model(mp, load_packed(tmp_path / "m.dfpk", model=tiny_net), variant_inputs())
 
@@ -256,7 +254,7 @@ def test_shared_tiny_net_round_trip(tiny_net, tmp_path):
 def test_resnet20_round_trip_rebuilds_architecture(tmp_path):
     from dfmpc_deploy.zoo.models import load_model
     name = "resnet20_cifar10_optA"
-    mp = compensate(load_model(name, "random").module, quick_config(), (3, 32, 32), arch=name)
+    mp = compensate(load_model(name, "random").module, (3, 32, 32), **quick_config(), arch=name)
     report = save_packed(mp, tmp_path / "r20.dfpk")
     state = torch.random.get_rng_state()
     back = load_packed(tmp_path / "r20.dfpk")  # no skeleton: rebuilt from the recorded arch
@@ -269,7 +267,7 @@ def test_deterministic_bytes(tiny_models, tmp_path):
     net, mp = tiny_models["relu6"]
     save_packed(mp, tmp_path / "a.dfpk")
     save_packed(mp, tmp_path / "b.dfpk")
-    again = compensate(variant_net("relu6"), quick_config(), (3, 16, 16), arch="tiny-relu6")  # fresh run, same model
+    again = compensate(variant_net("relu6"), (3, 16, 16), **quick_config(), arch="tiny-relu6")  # fresh run, same model
     save_packed(again, tmp_path / "c.dfpk")
     a = (tmp_path / "a.dfpk").read_bytes()
     assert a == (tmp_path / "b.dfpk").read_bytes() == (tmp_path / "c.dfpk").read_bytes()
@@ -553,7 +551,7 @@ def test_inflate_is_bounded_and_strict():
 
 def test_compressed_model_round_trip_bit_exact_and_deterministic(tmp_path):
     net = bell_net()
-    mp = compensate(net, quick_config(), (3, 16, 16), arch="tiny-bell")
+    mp = compensate(net, (3, 16, 16), **quick_config(), arch="tiny-bell")
     a, b, dense = tmp_path / "a.dfpk", tmp_path / "b.dfpk", tmp_path / "d.dfpk"
     rep = save_packed(mp, a, compress=True)
     save_packed(mp, b, compress=True)
@@ -569,7 +567,7 @@ def test_compressed_model_round_trip_bit_exact_and_deterministic(tmp_path):
 
 @pytest.mark.parametrize("edit", ["nbytes", "nbytes-missing", "nbytes-huge", "layout", "payload"])
 def test_compressed_bad_files(tmp_path, edit):
-    mp = compensate(bell_net(), quick_config(), (3, 16, 16), arch="tiny-bell")
+    mp = compensate(bell_net(), (3, 16, 16), **quick_config(), arch="tiny-bell")
     path = tmp_path / "m.dfpk"
     save_packed(mp, path, compress=True)
     header, payload = _split(path.read_bytes())
@@ -603,7 +601,7 @@ def test_compressed_bad_files(tmp_path, edit):
 def fuzz_case(request, tmp_path_factory):
     compressed = request.param == "compressed"
     net = bell_net() if compressed else variant_net("relu6")
-    mp = compensate(net, quick_config(), (3, 16, 16), arch="tiny")
+    mp = compensate(net, (3, 16, 16), **quick_config(), arch="tiny")
     path = tmp_path_factory.mktemp("fuzz") / "m.dfpk"
     save_packed(mp, path, compress=compressed)
     if compressed:
@@ -713,7 +711,7 @@ PAPER_RESNET18_2_6_MIB = 5.48  # DF-MPC Table 3; the paper's "MB" is MiB (FP32 R
 def resnet18_packed(tmp_path_factory):
     pytest.importorskip("pytorchcv")
     from dfmpc_deploy.zoo.models import load_model
-    mp = compensate(load_model("resnet18", "random").module, quick_config(), (3, 224, 224), arch="resnet18")
+    mp = compensate(load_model("resnet18", "random").module, (3, 224, 224), **quick_config(), arch="resnet18")
     d = tmp_path_factory.mktemp("r18")
     return mp, save_packed(mp, d / "b3.dfpk"), save_packed(mp, d / "t2.dfpk", ternary_layout="ternary-2bit")
 
@@ -743,7 +741,7 @@ def test_resnet18_2_6_compressed_is_below_the_paper(tmp_path):
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
-    mp = compensate(model, quick_config(), (3, 224, 224), arch="resnet18")
+    mp = compensate(model, (3, 224, 224), **quick_config(), arch="resnet18")
     dense = save_packed(mp, tmp_path / "dense.dfpk")
     comp = save_packed(mp, tmp_path / "comp.dfpk", compress=True)
     mib = comp["packed"] / 2**20

@@ -5,17 +5,16 @@ import random
 import pytest
 import torch
 
-from dfmpc_deploy.core.config import QuantConfig, parse_bits
-from dfmpc_deploy.core.pairing import bn_after
+from dfmpc_deploy.core.graph import GraphAnalysis, Role
 from dfmpc_deploy.errors import DfmpcError, UsageError
 from dfmpc_deploy.io.container import code_nbytes, load_packed, packed_nbytes, save_packed
-from dfmpc_deploy.passes.allocate import choose_bits, fit_budget, layer_sensitivity
-from dfmpc_deploy.passes.compensate import compensate
-from dfmpc_deploy.passes.recipes import run_method
+from dfmpc_deploy.passes.allocate import Allocate, choose_bits, fit_budget, layer_sensitivity
+from dfmpc_deploy.passes.finetune import Finetune
+from dfmpc_deploy.passes.recipes import compensate
 from tests.conftest import example_inputs, make_tiny_net
 
 SHAPE = (3, 16, 16)
-CFG = QuantConfig(synth_samples=16, synth_steps=20)
+CFG = dict(synth_samples=16, synth_steps=20)
 
 
 def _brute(scores, sizes, budget):
@@ -68,7 +67,7 @@ def test_sensitivity_ranks_fewer_bits_as_worse():
     net = make_tiny_net()
     x = example_inputs(32)
     names = [n for n, m in net.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    s = layer_sensitivity(net, names, x, [2, 3, 4, 6], 6, bn_after(net))
+    s = layer_sensitivity(net, names, x, [2, 3, 4, 6], 6, GraphAnalysis.of(net).bn_after)
     assert set(s) == set(names)
     for n in names:
         assert s[n][2] > s[n][4] > 0, f"{n}: {s[n]}"
@@ -77,22 +76,22 @@ def test_sensitivity_ranks_fewer_bits_as_worse():
 
 
 def test_bn_after_finds_the_direct_batchnorms():
-    assert bn_after(make_tiny_net()) == {"stem": "bn0", "conv1": "bn1", "conv2": "bn2"}
+    assert GraphAnalysis.of(make_tiny_net()).bn_after == {"stem": "bn0", "conv1": "bn1", "conv2": "bn2"}
 
 
 def test_size_budget_is_met_and_more_budget_buys_more_bits(tmp_path):
     net = make_tiny_net()
-    fixed = packed_nbytes(compensate(net, CFG, SHAPE))
+    fixed = packed_nbytes(compensate(net, SHAPE, **CFG))
     results = {}
     for frac in (0.9, 1.0, 1.2):
         budget = int(fixed * frac)
-        mp = compensate(net, QuantConfig(**{**vars(CFG), "size_budget_bytes": budget}), SHAPE)
+        mp = compensate(net, SHAPE, size_budget_bytes=budget, **CFG)
         info = save_packed(mp, tmp_path / f"m{frac}.dfmpc")
         assert info["packed"] <= budget, (frac, info["packed"], budget)
         assert (tmp_path / f"m{frac}.dfmpc").stat().st_size == info["packed"]
         back = load_packed(tmp_path / f"m{frac}.dfmpc", model=make_tiny_net())
         assert {n: q.bits for n, q in back.layers.items()} == {n: q.bits for n, q in mp.layers.items()}
-        assert all(q.role == "low" for q in mp.layers.values() if q.bits < CFG.bits.high)
+        assert all(q.role == Role.LOW for q in mp.layers.values() if q.bits < 6)
         results[frac] = sum(q.bits * q.numel for q in mp.layers.values())
     assert results[0.9] <= results[1.0] <= results[1.2]
     assert results[0.9] < results[1.2]
@@ -101,35 +100,36 @@ def test_size_budget_is_met_and_more_budget_buys_more_bits(tmp_path):
 def test_avg_bits_budget_bounds_the_code_bits():
     net = make_tiny_net()
     for avg in (2.5, 4.0):
-        mp = compensate(net, QuantConfig(**{**vars(CFG), "avg_bits": avg}), SHAPE)
+        mp = compensate(net, SHAPE, avg_bits=avg, **CFG)
         numel = sum(q.numel for q in mp.layers.values())
         code = sum(code_nbytes(q.bits, q.numel) for q in mp.layers.values())
         assert 8 * code / numel <= avg
-        assert mp.info["allocation"]["avg_code_bits"] <= avg
+        assert mp.config.record("allocate").info["avg_code_bits"] <= avg
 
 
 def test_dfmpc_alloc_defaults_to_the_fixed_pairing_size():
     net = make_tiny_net()
-    fixed = packed_nbytes(run_method("rtn", net, CFG, SHAPE))
-    mp = run_method("dfmpc-alloc", net, CFG, SHAPE)
+    fixed = packed_nbytes(compensate(net, SHAPE, "dfmpc", **CFG))  # the same pipeline with the fixed pairs
+    mp = compensate(net, SHAPE, "dfmpc-alloc", **CFG)
     assert packed_nbytes(mp) <= fixed
-    assert mp.info["allocation"]["budget_bytes"] == fixed
+    assert mp.config.record("allocate").info["budget_bytes"] == fixed
 
 
 def test_budget_too_small_is_one_clear_error():
     with pytest.raises(DfmpcError, match="raise the budget"):
-        compensate(make_tiny_net(), QuantConfig(**{**vars(CFG), "size_budget_bytes": 100}), SHAPE)
+        compensate(make_tiny_net(), SHAPE, size_budget_bytes=100, **CFG)
 
 
-@pytest.mark.parametrize("kw, msg", [({"size_budget_bytes": 10, "avg_bits": 3.0}, "not both"),
-                                     ({"avg_bits": 1.0}, "avg-bits"), ({"size_budget_bytes": 0}, "size-budget"),
-                                     ({"finetune_steps": -1}, "finetune-steps")])
-def test_budget_flags_are_validated(kw, msg):
+@pytest.mark.parametrize("cls, kw, msg", [(Allocate, {"size_budget_bytes": 10, "avg_bits": 3.0}, "not both"),
+                                          (Allocate, {"avg_bits": 1.0}, "avg-bits"),
+                                          (Allocate, {"avg_bits": float("nan")}, "avg-bits"),
+                                          (Allocate, {"size_budget_bytes": 0}, "size-budget"),
+                                          (Finetune, {"finetune_steps": -1}, "finetune-steps")])
+def test_budget_flags_are_validated(cls, kw, msg):
     with pytest.raises(UsageError, match=msg):
-        QuantConfig(**kw)
+        cls(**kw)
 
 
 def test_allocation_needs_calibration_inputs():
     with pytest.raises(UsageError, match="calibration inputs"):
-        compensate(make_tiny_net(), QuantConfig(recal="none", rounding="nearest", avg_bits=3.0,
-                                                bits=parse_bits("2/6")), SHAPE)
+        compensate(make_tiny_net(), SHAPE, recal="none", rounding="nearest", avg_bits=3.0, bits="2/6")

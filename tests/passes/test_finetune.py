@@ -1,11 +1,12 @@
-"""GDFQ (gdfq.py) on the tiny net: the generator learns the BN statistics, the student is fine-tuned, the result packs."""
+"""The finetune pass (GDFQ) on the tiny net: the generator learns the BN statistics, the student is fine-tuned,
+the result packs."""
 import pytest
 import torch
 
-from dfmpc_deploy.core.config import QuantConfig
+from dfmpc_deploy.errors import UsageError
 from dfmpc_deploy.io.container import load_packed, save_packed
-from dfmpc_deploy.passes.gdfq import GdfqConfig, Generator, bns_loss, gdfq
-from dfmpc_deploy.passes.recipes import run_method
+from dfmpc_deploy.passes.finetune import Finetune, Generator, bns_loss
+from dfmpc_deploy.passes.recipes import compensate
 from tests.conftest import make_tiny_net
 
 SHAPE = (3, 16, 16)
@@ -42,20 +43,21 @@ def test_generator_training_lowers_the_bn_statistics_loss():
 
 def test_zero_steps_is_round_to_nearest():
     net = make_tiny_net()
-    mp = gdfq(net, QuantConfig(finetune_steps=0), SHAPE)
-    rtn = run_method("rtn", net, QuantConfig(), SHAPE)
+    mp = compensate(net, SHAPE, "gdfq", finetune_steps=0)
+    rtn = compensate(net, SHAPE, "rtn")
     for n, q in mp.layers.items():
         assert torch.equal(q.codes, rtn.layers[n].codes) and torch.equal(q.scale, rtn.layers[n].scale)
 
 
 def test_fine_tuning_moves_the_weights_and_the_result_packs(tmp_path):
     net = make_tiny_net()
-    mp = run_method("gdfq", net, QuantConfig(finetune_steps=12), SHAPE)
-    rtn = run_method("rtn", net, QuantConfig(), SHAPE)
+    mp = compensate(net, SHAPE, "gdfq", finetune_steps=12)
+    rtn = compensate(net, SHAPE, "rtn")
     assert {n: (q.role, q.bits) for n, q in mp.layers.items()} == {n: (q.role, q.bits) for n, q in rtn.layers.items()}
     moved = sum(not torch.equal(q.scale, rtn.layers[n].scale) for n, q in mp.layers.items())
     assert moved >= 1, "fine-tuning did not change any layer"
-    assert mp.info["finetune_steps"] == 9 and mp.info["gdfq_steps"] == 12  # 3 generator warm-up steps
+    info = mp.config.record("finetune").info
+    assert info["student_steps"] == 9 and info["steps"] == 12  # 3 generator warm-up steps
     assert "no data" in mp.estimator
     save_packed(mp, tmp_path / "g.dfmpc")
     back = load_packed(tmp_path / "g.dfmpc", model=make_tiny_net())
@@ -66,5 +68,7 @@ def test_fine_tuning_moves_the_weights_and_the_result_packs(tmp_path):
 
 
 def test_config_is_validated():
-    with pytest.raises(ValueError, match="batch"):
-        GdfqConfig(batch=1)
+    with pytest.raises(UsageError, match="batch"):
+        Finetune(batch=1)
+    with pytest.raises(UsageError, match="lr_s"):
+        Finetune(lr_s=float("nan"))

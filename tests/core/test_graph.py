@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from dfmpc_deploy.core.pairing import find_links, plan_roles
+from dfmpc_deploy.core.graph import GraphAnalysis, Role
+from dfmpc_deploy.errors import DfmpcError
 from dfmpc_deploy.zoo.models import load_model
 
 # name -> (number of pairs, a pair that must be found (low, high), a layer that must stay high and unpaired)
@@ -31,23 +32,25 @@ EXPECTED = {
 def test_pairing_found_from_graph(name):
     n_pairs, pair, unpaired = EXPECTED[name]
     model = load_model(name, "random").module
-    roles, pairs = plan_roles(model)
+    g = GraphAnalysis.of(model)
+    roles, pairs = g.roles, g.pairs
     mods = dict(model.named_modules())
     assert len(pairs) == n_pairs
     assert any((p.low, p.high) == pair for p in pairs), f"{pair} not among {[(p.low, p.high) for p in pairs][:4]}"
     by = {r.fqn: r for r in roles}
-    assert by[unpaired].role == "high" and by[unpaired].partner is None
+    assert by[unpaired].role == Role.HIGH and by[unpaired].partner is None
     used = [p.low for p in pairs] + [p.high for p in pairs]
     assert len(used) == len(set(used)), "a layer is in two pairs"
     for p in pairs:
         assert mods[p.low].out_channels == mods[p.high].in_channels
-        assert by[p.low].role == "low" and by[p.high].role == "high-compensating"
+        assert by[p.low].role == Role.LOW and by[p.high].role == Role.HIGH_COMPENSATING
+        assert g.bn_after.get(p.low) == p.bn
     n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     assert len(roles) == n_layers
 
 
 def test_mobilenetv2_relu6_is_not_homogeneous():
-    links = find_links(load_model("mobilenetv2_w1", "random").module)
+    links = GraphAnalysis.of(load_model("mobilenetv2_w1", "random").module).links
     assert any(lk.act == "relu6" and not lk.homogeneous for lk in links)
 
 
@@ -61,5 +64,34 @@ def test_residual_add_and_concat_end_chains():
             y = torch.relu(self.a(x))
             return self.c(torch.relu(self.b(y)) + y)  # a feeds b and the add: no link a->b
 
-    links = find_links(Net())
-    assert [(lk.low, lk.high) for lk in links] == []
+    assert [(lk.low, lk.high) for lk in GraphAnalysis.of(Net()).links] == []
+
+
+def test_one_trace_serves_every_model_of_the_architecture():
+    """The graph is structure only: run on another instance, it computes that instance's function."""
+    a, b = load_model("resnet20_cifar10_optA", "random", seed=0).module, load_model("resnet20_cifar10_optA",
+                                                                                     "random", seed=1).module
+    g = GraphAnalysis.of(a)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(g.graph_module(b)(x), b(x)) and not torch.equal(b(x), a(x))
+
+
+def test_untraceable_model_is_one_line_error():
+    class Dyn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.c(x) if x.sum() > 0 else x  # data-dependent control flow
+
+    with pytest.raises(DfmpcError, match="cannot trace Dyn with torch.fx"):
+        GraphAnalysis.of(Dyn())
+
+
+def test_units_match_layer_bn_activation_once():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 3), nn.Flatten())
+    u = GraphAnalysis.of(net).units
+    assert (u["0"].bn, u["0"].act, u["0"].out.target) == ("1", "relu6", "2")
+    assert (u["3"].bn, u["3"].act) == (None, None)

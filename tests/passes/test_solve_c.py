@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 from calib_free import collect_bn_stats
-from dfmpc_deploy.core.config import BitsSpec, QuantConfig
+from dfmpc_deploy.core.graph import Role
 from dfmpc_deploy.core.quantizers import dequantize, ternarize
-from dfmpc_deploy.passes.compensate import closed_form_c, compensate, eq22_loss
+from dfmpc_deploy.passes.recipes import compensate
+from dfmpc_deploy.passes.solve_c import closed_form_c, eq22_loss
 from tests.conftest import example_inputs, make_tiny_net
 
 
@@ -69,17 +70,16 @@ def _feature_error(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 def test_compensation_lowers_feature_reconstruction_error(seed):
     net = make_tiny_net(seed)
     x = example_inputs(128, seed=seed + 10)
-    rtn = compensate(net, QuantConfig(compensation=False, recal="none", rounding="nearest"), (3, 16, 16))
-    paper = compensate(net, QuantConfig(compensation=True, recal="none", rounding="nearest"), (3, 16, 16))
-    full = compensate(net, QuantConfig(synth_steps=30), (3, 16, 16))
+    rtn = compensate(net, (3, 16, 16), "rtn")
+    paper = compensate(net, (3, 16, 16), c_mode="paper", recal="none", rounding="nearest")
+    full = compensate(net, (3, 16, 16), synth_steps=30)
     e_rtn, e_paper, e_full = (_feature_error(net, m.module, x) for m in (rtn, paper, full))
     assert e_paper < e_rtn, f"paper c {e_paper:.3f} should beat RTN {e_rtn:.3f}"
     assert e_full < e_rtn, f"default pipeline {e_full:.3f} should beat RTN {e_rtn:.3f}"
 
 
 def test_fold_into_bn_equals_fold_into_next_layer_input_channels(tiny_net):
-    cfg = QuantConfig(compensation=True, recal="none", rounding="nearest")
-    mp = compensate(tiny_net, cfg, (3, 16, 16))
+    mp = compensate(tiny_net, (3, 16, 16), c_mode="paper", recal="none", rounding="nearest")
     c = mp.layers["conv1"].c
     assert c is not None and not torch.allclose(c, torch.ones_like(c))
     # Undo the BN fold and put c into conv2's input channels instead (Eq. 7): outputs must agree.
@@ -95,19 +95,20 @@ def test_fold_into_bn_equals_fold_into_next_layer_input_channels(tiny_net):
 
 def test_compensate_does_not_modify_input_and_uses_codes(tiny_net):
     before = {k: v.clone() for k, v in tiny_net.state_dict().items()}
-    mp = compensate(tiny_net, QuantConfig(bits=BitsSpec(2, 6), synth_steps=5), (3, 16, 16))
+    mp = compensate(tiny_net, (3, 16, 16), bits="2/6", synth_steps=5)
     for k, v in tiny_net.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} was modified"
     mods = dict(mp.module.named_modules())
     for q in mp.layers.values():
         assert torch.equal(mods[q.fqn].weight, q.weight()), q.fqn
-    assert mp.layers["conv1"].role == "low" and mp.layers["conv1"].bits == 2
-    assert mp.layers["conv2"].role == "high-compensating" and mp.layers["conv2"].bits == 6
+    assert mp.layers["conv1"].role == Role.LOW and mp.layers["conv1"].bits == 2
+    assert mp.layers["conv2"].role == Role.HIGH_COMPENSATING and mp.layers["conv2"].bits == 6
+    assert mp.layers["conv1"].c is not None and not mp.layers["conv1"].c_folded
     assert mp.layers["stem"].bits == 6 and mp.layers["fc"].bits == 6
 
 
 def test_synthetic_recalibration_moves_low_bit_statistics(tiny_net):
-    mp = compensate(tiny_net, QuantConfig(compensation=False, synth_steps=20, rounding="nearest"), (3, 16, 16))
+    mp = compensate(tiny_net, (3, 16, 16), synth_steps=20, rounding="nearest")
     fp, q = collect_bn_stats(tiny_net), collect_bn_stats(mp.module)
     assert not torch.allclose(fp["bn1"].var, q["bn1"].var)  # re-estimated (low-bit layer's BN)
     assert torch.equal(fp["bn2"].var, q["bn2"].var)  # scope "low": other BNs untouched

@@ -1,0 +1,189 @@
+"""Configuration fields that declare their own command-line flag, so each flag is spelled exactly once.
+
+A pass's config (or the build's) is a frozen dataclass; a field made with :func:`option` carries its flag, help text,
+choices and parser in ``field.metadata``. The CLI builds its arguments from those fields (:func:`add_arguments`),
+with ``argparse.SUPPRESS`` defaults, so the parsed namespace holds exactly the flags the user gave: nothing has to
+re-read ``argv`` to learn which flags were set, and the default lives only on the field.
+
+Flags that take several values accept ``1 32`` and ``1,32`` alike (:func:`split_values`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from ..errors import UsageError
+
+__all__ = ["option", "flag_of", "options_of", "add_arguments", "split_values", "finite_float", "positive_int",
+           "nonnegative_int", "positive_float", "int_in", "float_in", "require_finite"]
+
+
+def option(default: Any = dataclasses.MISSING, *, flag: str | None = None, help: str = "",
+           parse: Callable[[str], Any] | None = None, choices: Sequence[str] | None = None, nargs: str | None = None,
+           metavar: str | None = None, action: str | None = None, default_factory: Any = dataclasses.MISSING,
+           show_default: bool = True) -> Any:
+    """A dataclass field with CLI metadata.
+
+    Args:
+        default, default_factory: as for :func:`dataclasses.field`.
+        flag: ``--kebab-case`` flag that sets this field (None: not settable from the command line).
+        help: one-line help; the default is appended unless ``show_default`` is False.
+        parse: ``str -> value`` (raise ``argparse.ArgumentTypeError`` or ``UsageError`` with the fix).
+        choices, nargs, metavar, action: as for ``argparse.add_argument`` (``action="store_true"`` for switches).
+    """
+    meta = {"flag": flag, "help": help, "parse": parse, "choices": tuple(choices) if choices else None,
+            "nargs": nargs, "metavar": metavar, "action": action, "show_default": show_default}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_of(f: dataclasses.Field) -> str | None:
+    """The flag a field declares, or None."""
+    return f.metadata.get("flag")
+
+
+def options_of(cls: type) -> list[dataclasses.Field]:
+    """The fields of dataclass ``cls`` that declare a flag."""
+    return [f for f in dataclasses.fields(cls) if flag_of(f)]
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, (tuple, list)):
+        return " ".join(map(str, v))
+    return str(v)
+
+
+def add_arguments(parser: argparse.ArgumentParser | Any, fields: Iterable[dataclasses.Field], seen: set[str]) -> None:
+    """Add one argument per field not yet in ``seen`` (flags shared by several configs are added once).
+
+    Every argument's default is ``argparse.SUPPRESS``: the namespace holds only what the user gave, under the field
+    name.
+    """
+    for f in fields:
+        flag = flag_of(f)
+        if flag is None or flag in seen:
+            continue
+        seen.add(flag)
+        m = f.metadata
+        help_text = m["help"]
+        d = _default(f)
+        if m["show_default"] and d not in (None, False) and m["action"] is None:
+            help_text += f" (default: {_show(d)})"
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if m["action"]:
+            kw["action"] = m["action"]
+        else:
+            if m["parse"]:
+                kw["type"] = _for_argparse(m["parse"])
+            if m["choices"]:
+                kw["choices"] = list(m["choices"])
+            if m["nargs"]:
+                kw["nargs"] = m["nargs"]
+            if m["metavar"]:
+                kw["metavar"] = m["metavar"]
+        parser.add_argument(flag, **kw)
+
+
+def _for_argparse(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` with UsageError turned into argparse's own error (exit 2 with the usage line)."""
+    def wrapped(text: str) -> Any:
+        try:
+            return parse(text)
+        except UsageError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    wrapped.__name__ = getattr(parse, "__name__", "value")
+    return wrapped
+
+
+def split_values(values: Sequence[str] | str) -> list[str]:
+    """``["1", "32"]``, ``["1,32"]`` and ``"1,32"`` all give ``["1", "32"]``; empty items are refused."""
+    items = [values] if isinstance(values, str) else list(values)
+    out = [v.strip() for item in items for v in str(item).split(",")]
+    if any(not v for v in out):
+        raise UsageError(f"empty value in {' '.join(items)!r}: give values separated by spaces or commas, e.g. 1,8,32")
+    return out
+
+
+def finite_float(text: str) -> float:
+    """A float that is neither NaN nor infinite."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0."""
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive number")
+    return v
+
+
+def _int(text: str) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (at most 2^31 - 1, so nothing downstream overflows)."""
+    v = _int(text)
+    if not 1 <= v < 2 ** 31:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive integer below 2^31")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (at most 2^31 - 1)."""
+    v = _int(text)
+    if not 0 <= v < 2 ** 31:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer in [0, 2^31)")
+    return v
+
+
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """A parser for integers in ``[lo, hi]``."""
+    def parse(text: str) -> int:
+        v = _int(text)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer in [{lo}, {hi}]")
+        return v
+    return parse
+
+
+def float_in(lo: float, hi: float) -> Callable[[str], float]:
+    """A parser for finite floats in ``[lo, hi]``."""
+    def parse(text: str) -> float:
+        v = finite_float(text)
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"'{text}' is not in [{lo}, {hi}]")
+        return v
+    return parse
+
+
+def require_finite(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
+    """Raise UsageError unless ``value`` is a finite number within ``[lo, hi]`` (config ``__post_init__`` checks)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        rng = f" in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise UsageError(f"bad {name} {value!r}: need a finite number{rng if (lo, hi) != (None, None) else ''}")

@@ -1,0 +1,164 @@
+"""DFQ (Nagel et al. 2019, ICCV), data-free: cross-layer equalization (this pass) and analytic bias correction.
+
+Choices (ours, stated because the paper leaves them to the implementation):
+
+* CLE equalises the *BN-folded* weights: for every link ``a -> BN -> ReLU -> b`` (core.graph links, not only the
+  chosen pairs) the BN is folded into ``a`` (``W_a <- W_a * gamma/sigma``; the BN becomes a pure bias: weight 1,
+  running mean 0, running var ``1 - eps``, bias ``beta - gamma*mu/sigma``), then ``s_j = sqrt(r_a_j / r_b_j)``
+  with ``r_a_j = max|W_a[j]|`` and ``r_b_j = max|W_b[:, j]|``; ``W_a[j] /= s_j``, bias_j ``/= s_j``,
+  ``W_b[:, j] *= s_j`` (exact for positively homogeneous activations, ReLU(z/s) = ReLU(z)/s). Passes repeat until
+  every ``s`` is within 1e-3 of 1 (at most 20). Links through ReLU6/SiLU/... or into grouped convs are skipped.
+  The folded BNs no longer hold statistics, so statistics are never re-estimated afterwards.
+* Bias correction (:class:`BiasCorrect`): for each conv fed by a folded BN and ReLU/identity,
+  ``E[x_j] = E[ReLU(N(m_j, sd_j^2))]`` (clipped-normal mean; ``m = beta``, ``sd = |gamma|`` of the original BN,
+  divided by the CLE scales), and the output error ``(W_q - W) E[x]`` (summed over the kernel, padding ignored) is
+  removed from the BN after that conv (``running_mean += delta``) or, without a BN, from the conv bias. Convs fed by
+  a residual sum, the stem and the classifier get no correction (their input mean is not known from one BN).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.graph import GraphAnalysis, Link
+from ..errors import UsageError
+from .base import Context, Pass, register_pass
+
+__all__ = ["Equalize", "BiasCorrect", "cross_layer_equalize", "cle_links"]
+
+
+def cle_links(graph: GraphAnalysis, mods: dict[str, nn.Module]) -> list[Link]:
+    """The links CLE can equalise: ReLU or no activation between two ungrouped convs."""
+    return [lk for lk in graph.links
+            if lk.act in ("relu", "identity") and mods[lk.high].groups == 1 and mods[lk.low].groups == 1]
+
+
+@torch.no_grad()
+def cross_layer_equalize(model: nn.Module, graph: GraphAnalysis, max_passes: int = 20,
+                         tol: float = 1e-3) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """CLE on BN-folded weights (module docstring). Returns a new model computing the same function.
+
+    Args:
+        model: FP32 eval-mode model (not modified).
+        graph: its graph analysis.
+        max_passes: sweeps over the links at most.
+        tol: stop when every scale is within ``tol`` of 1.
+
+    Returns:
+        (equalised model, ``{bn fqn: (pre-activation mean, pre-activation std)}`` per folded BN, float64, already
+        divided by the CLE scales: the Gaussian model of that BN's output that bias correction uses).
+    """
+    model = copy.deepcopy(model).eval()
+    mods = dict(model.named_modules())
+    links = cle_links(graph, mods)
+    pre: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for lk in links:  # fold each link's BN into its first conv once
+        if lk.bn is None or lk.bn in pre:
+            continue
+        conv, bn = mods[lk.low], mods[lk.bn]
+        gamma, beta = bn.weight.double(), bn.bias.double()
+        sigma = torch.sqrt(bn.running_var.double() + bn.eps)
+        b0 = conv.bias.double() if conv.bias is not None else torch.zeros_like(beta)
+        conv.weight.mul_((gamma / sigma).float().reshape(-1, *([1] * (conv.weight.dim() - 1))))
+        if conv.bias is not None:
+            conv.bias.zero_()
+        bn.bias.copy_((beta + gamma * (b0 - bn.running_mean.double()) / sigma).float())
+        bn.weight.fill_(1.0)
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0 - bn.eps)
+        pre[lk.bn] = (beta.clone(), gamma.abs().clone())
+    for _ in range(max_passes):
+        worst = 0.0
+        for lk in links:
+            a, b = mods[lk.low], mods[lk.high]
+            r1 = a.weight.detach().double().flatten(1).abs().amax(1)
+            r2 = b.weight.detach().double().transpose(0, 1).flatten(1).abs().amax(1)
+            ok = (r1 > 0) & (r2 > 0)
+            s = torch.where(ok, torch.sqrt(r1 / torch.where(ok, r2, torch.ones_like(r2))), torch.ones_like(r1))
+            worst = max(worst, float((s.log().abs()).max()))
+            a.weight.div_(s.float().reshape(-1, *([1] * (a.weight.dim() - 1))))
+            if a.bias is not None:
+                a.bias.div_(s.float())
+            if lk.bn is not None:
+                mods[lk.bn].bias.div_(s.float())
+                m, sd = pre[lk.bn]
+                pre[lk.bn] = (m / s, sd / s)
+            b.weight.mul_(s.float().reshape(1, -1, *([1] * (b.weight.dim() - 2))))
+        if worst < math.log1p(tol):
+            break
+    return model, pre
+
+
+@register_pass
+@dataclass(frozen=True)
+class Equalize(Pass):
+    """Cross-layer equalization: the FP reference is replaced by its equalised copy (the same function)."""
+
+    name = "equalize"
+    max_passes: int = 20
+    tol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.max_passes < 1 or not self.tol > 0:
+            raise UsageError(f"equalize: max_passes={self.max_passes} must be >= 1 and tol={self.tol} > 0")
+
+    def apply(self, ctx: Context) -> dict:
+        if ctx.layers:
+            raise UsageError("equalize must run before the quantize pass (it changes the weights to quantize)")
+        eq, pre = cross_layer_equalize(ctx.fp_model, ctx.graph, self.max_passes, self.tol)
+        ctx.fp_model, ctx.model = eq, copy.deepcopy(eq).eval()
+        ctx.shared["bn_pre"] = pre
+        ctx.shared["steps"] = ctx.shared.get("steps", []) + ["CLE"]
+        return {"links": len(cle_links(ctx.graph, dict(eq.named_modules()))), "folded_bn": len(pre)}
+
+
+def _relu_mean(m: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+    """E[ReLU(z)], z ~ N(m, sd^2): m Phi(m/sd) + sd phi(m/sd) (sd = 0 gives ReLU(m))."""
+    safe = torch.where(sd > 0, sd, torch.ones_like(sd))
+    t = m / safe
+    val = m * 0.5 * (1 + torch.erf(t / math.sqrt(2))) + safe * torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+    return torch.where(sd > 0, val, m.clamp(min=0))
+
+
+@register_pass
+@dataclass(frozen=True)
+class BiasCorrect(Pass):
+    """DFQ's analytic bias correction of the quantized model (module docstring)."""
+
+    name = "bias_correct"
+
+    @torch.no_grad()
+    def apply(self, ctx: Context) -> dict:
+        fp_mods, q_mods = dict(ctx.fp_model.named_modules()), dict(ctx.model.named_modules())
+        links = cle_links(ctx.graph, fp_mods)
+        pre = ctx.shared.get("bn_pre")
+        if pre is None:  # no equalisation: the BN's own output distribution
+            pre = {}
+            for lk in links:
+                bn = fp_mods.get(lk.bn) if lk.bn else None
+                if isinstance(bn, nn.BatchNorm2d):
+                    pre[lk.bn] = (bn.bias.detach().double(), bn.weight.detach().double().abs())
+        bn_after = ctx.graph.bn_after
+        done = 0
+        for lk in links:
+            if lk.bn is None or lk.bn not in pre:
+                continue
+            m, sd = pre[lk.bn]
+            ex = _relu_mean(m, sd) if lk.act == "relu" else m
+            dw = (ctx.layers[lk.high].weight().double() - fp_mods[lk.high].weight.double().cpu()).sum(dim=(2, 3))
+            delta = (dw @ ex.cpu()).float()  # (out,) expected output error of the quantized conv
+            if lk.high in bn_after:
+                rm = q_mods[bn_after[lk.high]].running_mean
+                rm.add_(delta.to(rm))
+            elif q_mods[lk.high].bias is not None:
+                q_mods[lk.high].bias.sub_(delta.to(q_mods[lk.high].bias))
+            else:
+                continue
+            done += 1
+        steps = " + ".join(ctx.shared.get("steps", []) + ["analytic bias correction"])
+        ctx.estimator = f"none (data-free: {steps} from BN statistics)"
+        return {"corrected_layers": done}

@@ -1,0 +1,73 @@
+"""Quantize pass: every Conv2d/Linear to its role's width on the paper's grids (D7, D9).
+
+The first layer of each pair (core.graph) goes to the low width, every other layer to the high width: TWN ternary
+for 2 bits (Eqs. 3-4), DoReFa k-bit otherwise (Eq. 6), layer-wise as printed unless ``per_channel``. Dequantised
+weights keep alpha and max|W| (D4): the working model computes with ``codes * scale`` exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.config import BitsSpec, parse_bits
+from ..core.graph import Role
+from ..core.options import option
+from ..core.quantizers import quantize_weight
+from ..core.state import QuantLayer
+from .base import Context, Pass, register_pass
+
+__all__ = ["Quantize", "set_weights_", "requantize_"]
+
+
+def set_weights_(model: nn.Module, layers: dict[str, QuantLayer]) -> None:
+    """In place: every quantized layer of ``model`` computes with its dequantised weight."""
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for q in layers.values():
+            w = mods[q.fqn].weight
+            w.copy_(q.weight().to(w.device, w.dtype))
+
+
+def requantize_(ctx: Context, fqn: str, bits: int, role: Role) -> None:
+    """Re-quantize one layer of ``ctx`` from the FP reference at ``bits`` with a new role (allocation)."""
+    q = ctx.layers[fqn]
+    codes, scale = quantize_weight(dict(ctx.fp_model.named_modules())[fqn].weight, bits, ctx.per_channel)
+    ctx.layers[fqn] = QuantLayer(fqn, q.kind, role, bits, codes, scale, partner=q.partner)
+
+
+@register_pass
+@dataclass(frozen=True)
+class Quantize(Pass):
+    """Round-to-nearest quantization of every layer per its role.
+
+    Args:
+        bits: ``LOW/HIGH`` widths (``2/6``; ``6`` alone means every layer at 6 bits).
+        per_channel: per-output-channel quantizer ranges instead of the paper's layer-wise ones.
+    """
+
+    name = "quantize"
+    bits: BitsSpec = option(BitsSpec(2, 6), flag="--bits", parse=parse_bits, metavar="LOW/HIGH",
+                            help="bit widths of the low and high layers of each pair, 2 <= LOW <= HIGH <= 8; "
+                                 "2 = ternary; one number = every layer at that width")
+    per_channel: bool = option(False, flag="--per-channel", action="store_true",
+                               help="per-output-channel quantizer ranges (the paper's are layer-wise)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, str):
+            object.__setattr__(self, "bits", parse_bits(self.bits))
+        if not isinstance(self.bits, BitsSpec):
+            raise TypeError(f"bits must be a BitsSpec or 'LOW/HIGH', got {self.bits!r}")
+
+    def apply(self, ctx: Context) -> dict:
+        ctx.bits, ctx.per_channel = self.bits, self.per_channel
+        fp = dict(ctx.fp_model.named_modules())
+        layers = {}
+        for r in ctx.graph.roles:
+            bits = self.bits.low if r.role == Role.LOW else self.bits.high
+            codes, scale = quantize_weight(fp[r.fqn].weight, bits, self.per_channel)
+            layers[r.fqn] = QuantLayer(r.fqn, r.kind, r.role, bits, codes, scale, partner=r.partner)
+        ctx.layers = layers
+        set_weights_(ctx.model, layers)
+        return {"layers": len(layers), "low_layers": sum(q.role == Role.LOW for q in layers.values())}

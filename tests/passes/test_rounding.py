@@ -1,0 +1,126 @@
+"""passes/rounding.py: the fast error-feedback rounding against a plain float64 reference, and the grid search."""
+import pytest
+import torch
+
+from dfmpc_deploy.core.quantizers import quantize_weight
+from dfmpc_deploy.passes.rounding import (
+    best_grid_codes,
+    direction_error,
+    gptq_codes,
+    input_second_moment,
+    inverse_factor,
+    nearest_codes,
+)
+
+
+def _problem(seed, rows=24, k=72, n=600):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, k, generator=g) * torch.exp(0.5 * torch.randn(rows, 1, generator=g))
+    mix = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)  # correlated inputs, as im2col patches are
+    x = torch.randn(n, k, generator=g) @ mix
+    return w, x.T @ x / n
+
+
+def _reference(w, h, scale, bits, damp=0.01):
+    """The textbook algorithm: float64, one column at a time, the inverse factor by cholesky_inverse."""
+    w, h, scale = w.double().clone(), h.double().clone(), scale.double()
+    k = w.shape[1]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros_like(w)
+    for i in range(k):
+        q = nearest_codes(w[:, i], scale, bits)
+        codes[:, i] = q
+        err = (w[:, i] - q * scale) / u[i, i]
+        w[:, i + 1:] -= err[:, None] * u[i, i + 1:][None, :]
+    return codes
+
+
+def _out_err(codes, scale, w, h):
+    d = codes.double() * scale.double()[:, None] - w.double()
+    return float(((d @ h.double()) * d).sum())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_inverse_factor_is_the_upper_cholesky_of_the_inverse(seed):
+    _, h = _problem(seed)
+    u, dead = inverse_factor(h.double(), damp=0.01)
+    hd = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    assert not dead.any()
+    assert torch.allclose(u, torch.triu(u)) and (torch.diag(u) > 0).all()
+    assert torch.allclose(u.T @ u, torch.linalg.inv(hd), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 6])
+@pytest.mark.parametrize("seed", range(3))
+def test_blocked_float32_matches_the_float64_reference(bits, seed):
+    w, h = _problem(seed)
+    _, scale = quantize_weight(w, bits)
+    ref = _reference(w, h, scale, bits)
+    u, _ = inverse_factor(h.float())
+    fast = gptq_codes(w.float(), u, scale, bits, block=16)  # several blocks
+    agree = float((fast.double() == ref).float().mean())
+    assert agree >= 0.99, f"only {agree:.3f} of the codes agree with the reference"
+    e_ref, e_fast = _out_err(ref, scale, w, h), _out_err(fast, scale, w, h)
+    assert e_fast <= 1.01 * e_ref, f"output error {e_fast:.5g} vs reference {e_ref:.5g}"
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_error_feedback_beats_nearest_rounding_in_output_error(bits):
+    w, h = _problem(5, rows=32, k=90)
+    codes_n, scale = quantize_weight(w, bits)
+    u, _ = inverse_factor(h)
+    fast = gptq_codes(w, u, scale, bits)
+    assert _out_err(fast, scale, w, h) < 0.8 * _out_err(codes_n.flatten(1).float(), scale, w, h)
+    lo, hi = (-1, 1) if bits == 2 else (-(2 ** bits - 1), 2 ** bits - 1)
+    assert fast.min() >= lo and fast.max() <= hi and torch.equal(fast, fast.round())
+    if bits > 2:
+        assert bool(((fast + 2 ** bits - 1) % 2 == 0).all()), "DoReFa codes must stay odd"
+
+
+def test_grid_search_with_every_row_is_the_exhaustive_choice():
+    w, h = _problem(1, rows=20)
+    _, scale = quantize_weight(w, 2)
+    codes, chosen, m = best_grid_codes(w, h, scale, 2, search_rows=64)
+    u, _ = inverse_factor(h)
+    errs = {mm: float(direction_error(gptq_codes(w, u, scale * mm, 2), scale * mm, w, h).sum())
+            for mm in (0.7, 0.85, 1.0, 1.2, 1.4)}
+    assert m == min(errs, key=errs.get)
+    assert torch.allclose(chosen, scale * m)
+    assert torch.equal(codes, gptq_codes(w, u, scale * m, 2))
+
+
+def test_grid_search_on_a_row_subset_has_small_regret():
+    """Above ``search_rows`` the step is chosen on a subset; its full-layer error stays within 2 % of the best."""
+    regrets = []
+    for seed in range(4):
+        w, h = _problem(seed + 10, rows=256, k=64)
+        _, scale = quantize_weight(w, 2)
+        _, _, m = best_grid_codes(w, h, scale, 2, search_rows=64, seed=seed)
+        u, _ = inverse_factor(h)
+        full = {mm: float(direction_error(gptq_codes(w, u, scale * mm, 2), scale * mm, w, h).sum())
+                for mm in (0.7, 0.85, 1.0, 1.2, 1.4)}
+        regrets.append(full[m] / min(full.values()) - 1)
+    assert max(regrets) <= 0.02, regrets
+
+
+def test_dead_inputs_are_zeroed_and_the_factor_exists():
+    w, h = _problem(2)
+    h[:, 3] = 0
+    h[3, :] = 0
+    _, scale = quantize_weight(w, 2)
+    codes, _, _ = best_grid_codes(w, h, scale, 2, multipliers=(1.0,))
+    assert torch.isfinite(codes).all() and (codes[:, 3] == 0).all()
+
+
+def test_second_moment_of_conv_patches_and_row_subset():
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    h = input_second_moment(conv, x)
+    cols = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 27)
+    assert torch.allclose(h, cols.T @ cols / cols.shape[0], atol=1e-5)
+    sub = input_second_moment(conv, x, max_rows=32)
+    assert sub.shape == (27, 27) and torch.allclose(sub, sub.T)
