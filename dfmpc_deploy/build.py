@@ -1,13 +1,12 @@
 """The `build` pipeline: load -> compensate -> pack -> export/targets -> report, into one output directory.
 
 Everything is written into a hidden sibling directory first and renamed onto ``--out`` at the end, so an
-interrupted or failed build never leaves a half-written output directory.
+interrupted or failed build never leaves a half-written output directory (:class:`~dfmpc_deploy.io.outdir.OutputDir`:
+checks and locks ``--out`` before any work).
 """
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +15,12 @@ import torch
 
 from .core.config import QuantConfig
 from .errors import DfmpcError
+from .io.outdir import OutputDir
 from .passes.recipes import METHODS, method_config, method_overrides
 from .report.markdown import layer_table, write_report
 from .zoo.data import DataSpec, load_dataset
 
-__all__ = ["BuildConfig", "run_build", "prepare_out_dir", "METHODS"]
+__all__ = ["BuildConfig", "run_build", "METHODS"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -47,33 +47,6 @@ class BuildConfig:
     explicit: frozenset[str] = frozenset()  # QuantConfig fields the user set by flag (for override warnings)
 
 
-def prepare_out_dir(out: Path, force: bool) -> Path:
-    """Check ``out`` can be (re)placed and return a fresh temp directory beside it."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DfmpcError(f"--out '{out}' exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise DfmpcError(f"--out '{out}' already exists and is not empty; pass --force to replace it")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise DfmpcError(f"cannot create --out '{out}': parent directory '{parent}' does not exist")
-    try:
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-    except OSError as err:
-        raise DfmpcError(f"cannot write to '{parent}': {err.strerror or err}") from err
-
-
-def _finalize(tmp: Path, out: Path) -> None:
-    out = Path(out)
-    trash = None
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{time.time_ns()}")
-        out.rename(trash)
-    tmp.rename(out)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def run_build(cfg: BuildConfig, progress=None, warn=None) -> dict:
     """Run the whole pipeline; returns the report dict (also written to ``cfg.out/report.json``).
 
@@ -83,15 +56,10 @@ def run_build(cfg: BuildConfig, progress=None, warn=None) -> dict:
     from .zoo.evaluate import accuracy
     from .zoo.models import load_model
 
-    tmp = prepare_out_dir(cfg.out, cfg.force)
-    try:
+    with OutputDir(cfg.out, force=cfg.force) as tmp:  # checks and locks --out before any work (io/outdir.py)
         rep = _run(cfg, tmp, progress, accuracy, load_model, warn or (lambda m: log.warning("warning: %s", m)))
         write_report(tmp, rep)
-        _finalize(tmp, cfg.out)
-        return {"format_version": 1, **rep}
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return {"format_version": 1, **rep}
 
 
 def _relative_paths(obj, tmp: Path):

@@ -1,7 +1,7 @@
 """Command line: ``dfmpc-deploy build | models | inspect``.
 
 User errors (:class:`DfmpcError`) print one line ``error: ...`` and exit 1 (2 for usage errors); anything else keeps
-its traceback, because it is a bug. Ctrl-C exits 130 and leaves no partial output.
+its traceback, because it is a bug. Ctrl-C exits 130, SIGTERM 143; neither leaves partial output.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from . import __version__
 from .core.config import QuantConfig, parse_bits
 from .errors import DfmpcError, UsageError
+from .io.outdir import interrupt_status, terminate_as_interrupt
 from .passes.recipes import FLAGS, METHODS
 
 __all__ = ["main", "SUBCOMMANDS"]
@@ -208,21 +209,23 @@ def _common() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
+    """Entry point; returns the exit code (0 ok, 1 user error, 2 usage error, 130 SIGINT, 143 SIGTERM)."""
     parser = _parser()
     args = parser.parse_args(argv)
     args.argv = None if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        return args.func(args)
-    except UsageError as err:
-        parser.error(str(err))  # exits 2 with the usage line
-    except DfmpcError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    with terminate_as_interrupt():  # SIGTERM/SIGHUP -> Terminated (a KeyboardInterrupt): same cleanup as Ctrl-C
+        try:
+            return args.func(args)
+        except UsageError as err:
+            parser.error(str(err))  # exits 2 with the usage line
+        except DfmpcError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
+        except KeyboardInterrupt as err:
+            name, code = interrupt_status(err)  # 130 SIGINT, 143 SIGTERM, 129 SIGHUP
+            print(f"interrupted ({name}): nothing was written", file=sys.stderr)
+            return code
     return 0
 
 
