@@ -7,7 +7,8 @@
   directory, the home directory, the Python environment (``sys.prefix``) or the installed ``dfmpc_deploy`` /
   ``calib_free`` packages, or any folder above one of them (``--force`` would replace them); a folder inside those
   packages; a mount point; an existing file; a non-empty directory without ``--force``; a missing, unreadable or
-  unwritable parent, or one on a read-only filesystem; a name too long to have hidden siblings.
+  unwritable parent, or one on a read-only filesystem; a name too long to have hidden siblings; control characters;
+  a leading ``~`` that the shell did not expand.
 * **Symbolic links are refused, never followed or replaced.** ``--out`` is replaced by a new directory at the end,
   which would turn the user's link into a directory; the message names the link's target to pass instead. Links in
   the *parent* path are resolved: the work happens in the real parent.
@@ -15,6 +16,7 @@
   second build into the same ``--out`` fails at once naming the holder's pid. The kernel releases the lock when the
   holder dies (SIGKILL included), so a leftover lock file never blocks anyone; each build removes it at the end
   (it is harmless if it stays). Linux emulates ``flock`` with POSIX locks on NFS, so the lock also holds there.
+  Without ``fcntl`` (not POSIX) there is no lock.
 * **Filled aside.** The build writes into ``.<name>.partial-XXXXXXXX`` in the same parent (same filesystem, so the
   final rename is atomic). Success: with ``--force`` the old ``--out`` and the new one are swapped in one step
   (Linux ``renameat2(RENAME_EXCHANGE)``, two renames elsewhere) and the old one is removed; without ``--force``, a
@@ -33,7 +35,6 @@ the signal's name and exit code (130 SIGINT, 143 SIGTERM, 129 SIGHUP). The few r
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
 import logging
 import os
@@ -194,6 +195,11 @@ def check_out_dir(out: str | os.PathLike, force: bool = False) -> Path:
     given = os.fspath(out)
     if not given:
         raise DfmpcError("--out is empty; name the output directory, e.g. --out out/resnet20")
+    if any(ord(c) < 32 or ord(c) == 127 for c in given):
+        raise DfmpcError(f"--out {given!r} contains control characters (a newline?); choose a plain name")
+    if given.startswith("~"):
+        raise _fail(given, "starts with '~', which the shell did not expand (as in --out=~/x); write the full "
+                           "path, e.g. --out $HOME/...")
     parent, name = _parent_of(given)
     target = parent / name
     try:
@@ -297,7 +303,14 @@ def _lock_path(target: Path) -> Path:
 
 
 def _acquire_lock(target: Path, given: str) -> int:
-    """Open and ``flock`` ``.<name>.lock`` beside ``target``; write our pid in it; return the open descriptor."""
+    """Open and ``flock`` ``.<name>.lock`` beside ``target``; write our pid in it; return the open descriptor.
+
+    ``O_NOFOLLOW``: a symbolic link planted at the lock path is refused, never followed (it could point anywhere).
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock (documented limitation)
+        return -1
     path = _lock_path(target)
     for _ in range(20):
         try:
@@ -329,6 +342,8 @@ def _acquire_lock(target: Path, given: str) -> int:
 
 
 def _release_lock(target: Path, fd: int) -> None:
+    if fd < 0:
+        return
     path = _lock_path(target)
     try:
         if os.path.samestat(os.fstat(fd), os.lstat(path)):
@@ -402,6 +417,7 @@ class OutputDir:
         try:
             with _signals_held():
                 self._lock = _acquire_lock(target, self.given)
+            check_out_dir(self.given, self.force)  # again: a build that held the lock may just have created it
             remove_leftovers(target)
             with _signals_held():
                 self.work = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))

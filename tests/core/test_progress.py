@@ -97,7 +97,7 @@ def test_tight_loop_is_rate_limited_and_cheap():
         elapsed = time.perf_counter() - t0
         writes = tty.writes
     assert writes <= 10 * elapsed + 4, f"{writes} redraws in {elapsed:.2f} s (more than 10 a second)"
-    assert elapsed / n < 20e-6, f"{elapsed / n * 1e6:.1f} us per update"
+    assert elapsed / n < 5e-6, f"{elapsed / n * 1e6:.1f} us per update (a build step is >= 1 ms)"
     assert f"{n}/{n}" in _text(tty)
 
 

@@ -65,16 +65,19 @@ def _cases(tmp: Path) -> dict[str, tuple[str, str]]:
         "symlink": (str(tmp / "link"), f"pass the directory itself (--out {tmp / 'real'})"),
         "dangling symlink": (str(tmp / "dangling"), "which does not exist; remove the link"),
         "long name": (str(tmp / ("n" * 250)), "choose a shorter name"),
+        "newline": (f"{tmp}/a\nb", "contains control characters"),
+        "tilde": ("~/o", "which the shell did not expand"),
     }
 
 
 @pytest.mark.parametrize("case", ["dot", "dotdot", "trailing dot", "root", "empty", "file", "non-empty",
-                                  "missing parent", "parent is a file", "symlink", "dangling symlink", "long name"])
+                                  "missing parent", "parent is a file", "symlink", "dangling symlink", "long name",
+                                  "newline", "tilde"])
 def test_bad_out_is_refused_before_anything_is_created(tmp_path, case):
     out, match = _cases(tmp_path)[case]
     before = _tree(tmp_path)
     msg = _refused(out, match=match)
-    assert out in msg or case == "empty"
+    assert (repr(out) if case == "newline" else out) in msg or case == "empty"
     assert _tree(tmp_path) == before
     assert os.readlink(tmp_path / "link") == str(tmp_path / "real")  # the user's link is never replaced
 
@@ -183,6 +186,20 @@ def test_second_build_of_the_same_out_fails_at_once_naming_the_holder(tmp_path):
     assert _tree(tmp_path) == ["o", "o/f", "other", "other/g"]
 
 
+def test_out_filled_between_the_check_and_the_lock_is_caught(tmp_path, monkeypatch):
+    real = od._acquire_lock
+
+    def lock_then_someone_finishes(target, given):  # a build that held the lock committed just before we got it
+        fd = real(target, given)
+        (tmp_path / "o").mkdir()
+        (tmp_path / "o" / "theirs").write_text("x")
+        return fd
+
+    monkeypatch.setattr(od, "_acquire_lock", lock_then_someone_finishes)
+    _refused(tmp_path / "o", match="already exists and is not empty; pass --force")
+    assert _tree(tmp_path) == ["o", "o/theirs"]  # lock released and removed, no partial
+
+
 def test_lock_is_released_after_a_failure(tmp_path):
     with pytest.raises(RuntimeError):
         with OutputDir(tmp_path / "o"):
@@ -281,8 +298,11 @@ def test_interrupt_during_the_final_swap_waits_for_it(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(od, "_exchange", interrupted_exchange)
     with caplog.at_level(logging.WARNING, logger="dfmpc_deploy"):
-        with OutputDir(tmp_path / "o", force=True) as work:
-            (work / "new.txt").write_text("new")
+        try:
+            with OutputDir(tmp_path / "o", force=True) as work:
+                (work / "new.txt").write_text("new")
+        except KeyboardInterrupt:
+            pytest.fail(f"interrupted half-way through the commit: {_tree(tmp_path)}")
     assert _tree(tmp_path) == ["o", "o/new.txt"]  # committed whole, no KeyboardInterrupt half-way
     assert "SIGINT arrived while --out was being moved into place" in caplog.text
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
