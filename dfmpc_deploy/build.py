@@ -1,14 +1,13 @@
 """The `build` pipeline: load -> recipe of passes -> pack -> export/targets -> report, into one output directory.
 
 Everything is written into a hidden sibling directory first and renamed onto ``--out`` at the end, so an
-interrupted or failed build never leaves a half-written output directory.
+interrupted or failed build never leaves a half-written output directory (:class:`~dfmpc_deploy.io.outdir.OutputDir`:
+checks and locks ``--out`` before any work).
 """
 from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 from .core.options import int_in, option, positive_int, split_values
 from .errors import DfmpcError, UsageError
 
-__all__ = ["BuildConfig", "run_build", "prepare_out_dir", "TARGET_CHOICES", "DEVICE_CHOICES"]
+__all__ = ["BuildConfig", "run_build", "TARGET_CHOICES", "DEVICE_CHOICES", "resolve_device"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -72,7 +71,8 @@ class BuildConfig:
                                           help="batch sizes for latency ('1 8 32' or '1,8,32')")
     pack: bool = option(True, flag="--no-pack", action="store_false", help="skip writing model.dfmpc")
     compress: bool = option(False, flag="--compress", action="store_true",
-                            help="Huffman-code the integer codes in model.dfmpc (trained weights: ~0.8x the dense file)")
+                            help="Huffman-code the integer codes in model.dfmpc (trained weights: ~0.8x the dense "
+                                 "file)")
     out: Path = option(Path("out"), flag="--out", parse=Path, metavar="DIR",
                        help="output directory (refused if it exists and is not empty, unless --force)")
     force: bool = option(False, flag="--force", action="store_true", help="replace an existing --out directory")
@@ -115,33 +115,6 @@ class BuildConfig:
         object.__setattr__(self, "out", Path(self.out))
 
 
-def prepare_out_dir(out: Path, force: bool) -> Path:
-    """Check ``out`` can be (re)placed and return a fresh temp directory beside it."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DfmpcError(f"--out '{out}' exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise DfmpcError(f"--out '{out}' already exists and is not empty; pass --force to replace it")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise DfmpcError(f"cannot create --out '{out}': parent directory '{parent}' does not exist")
-    try:
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-    except OSError as err:
-        raise DfmpcError(f"cannot write to '{parent}': {err.strerror or err}") from err
-
-
-def _finalize(tmp: Path, out: Path) -> None:
-    out = Path(out)
-    trash = None
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{time.time_ns()}")
-        out.rename(trash)
-    tmp.rename(out)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def resolve_device(name: str):
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a one-line error."""
     import torch
@@ -162,21 +135,19 @@ def run_build(cfg: BuildConfig, progress=None, warn=None) -> dict:
     """
     import torch
 
+    from .io.outdir import OutputDir
+    from .report.markdown import REPORT_FORMAT_VERSION, write_report
+
     device = resolve_device(cfg.device)
-    tmp = prepare_out_dir(cfg.out, cfg.force)
     threads_before = torch.get_num_threads()
     try:
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        rep = _run(cfg, tmp, progress, warn or (lambda m: log.warning("warning: %s", m)), device)
-        from .report.markdown import REPORT_FORMAT_VERSION, write_report
-        rep = {"format_version": REPORT_FORMAT_VERSION, **rep}
-        write_report(tmp, rep)
-        _finalize(tmp, cfg.out)
+        with OutputDir(cfg.out, force=cfg.force) as tmp:
+            if cfg.threads is not None:
+                torch.set_num_threads(cfg.threads)
+            rep = _run(cfg, tmp, progress, warn or (lambda m: log.warning("warning: %s", m)), device)
+            rep = {"format_version": REPORT_FORMAT_VERSION, **rep}
+            write_report(tmp, rep)
         return rep
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     finally:
         torch.set_num_threads(threads_before)
 

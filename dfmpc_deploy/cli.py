@@ -5,7 +5,7 @@ registered pass (dfmpc_deploy.passes), each declaring its flag once (core.option
 the flags the user gave, so "which flags did the user set" needs no second look at ``argv``.
 
 User errors (:class:`DfmpcError`) print one line ``error: ...`` and exit 1 (2 for usage errors); anything else keeps
-its traceback, because it is a bug. Ctrl-C exits 130 and leaves no partial output.
+its traceback, because it is a bug. Ctrl-C exits 130, SIGTERM 143; neither leaves partial output.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DfmpcError, UsageError
+from .io.outdir import interrupt_status, terminate_as_interrupt
 
 __all__ = ["main", "SUBCOMMANDS"]
 
@@ -35,7 +36,8 @@ def _add_build(sub) -> None:
     from .core.options import add_arguments, options_of
     from .passes.recipes import PASS_CLASSES, RECIPES
 
-    p = sub.add_parser("build", parents=[_common()], help="compensate a model to mixed precision, pack, export and report",
+    p = sub.add_parser("build", parents=[_common()],
+                       help="compensate a model to mixed precision, pack, export and report",
                        description="Quantize MODEL with a recipe of passes (default dfmpc: low/high-bit pairs with "
                                    "DF-MPC compensation, no data, no fine-tuning), pack it, optionally export and "
                                    "benchmark it, and write a report. Methods: " + "; ".join(
@@ -116,7 +118,8 @@ _NOT_SETTINGS = {"command", "func", "quiet", "json", "verbose"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dfmpc-deploy", description="Data-free mixed-precision compensation and deployment.")
+    p = argparse.ArgumentParser(prog="dfmpc-deploy",
+                                description="Data-free mixed-precision compensation and deployment.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{build,models,inspect}")
     for add in SUBCOMMANDS:
@@ -133,25 +136,27 @@ def _common() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 user error, 2 usage error, 130 interrupted)."""
+    """Entry point; returns the exit code (0 ok, 1 user error, 2 usage error, 130 SIGINT, 143 SIGTERM)."""
     parser = _parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version (0) or a malformed command line (2, usage already printed)
         return int(done.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        return args.func(args)
-    except UsageError as err:
-        parser.print_usage(sys.stderr)
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except DfmpcError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    with terminate_as_interrupt():  # SIGTERM/SIGHUP -> Terminated (a KeyboardInterrupt): same cleanup as Ctrl-C
+        try:
+            return args.func(args)
+        except UsageError as err:
+            parser.print_usage(sys.stderr)
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return err.exit_code
+        except DfmpcError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return err.exit_code
+        except KeyboardInterrupt as err:
+            name, code = interrupt_status(err)  # 130 SIGINT, 143 SIGTERM, 129 SIGHUP
+            print(f"interrupted ({name}): nothing was written", file=sys.stderr)
+            return code
     return 0
 
 
