@@ -356,7 +356,7 @@ def _recipe_section(rep: Report) -> str:
                    + (_kv_table(p.config) or _missing("no configuration"))
                    + (f"<h4>reported</h4>{_kv_table(p.info)}" if p.info else "") + "</div>"
                    for i, p in enumerate(r.passes, 1))
-    return _section("recipe", f"Recipe: {r.name} ({len(r.passes)} passes)",
+    return _section("recipe", f"Recipe: {r.name} ({len(r.passes)} pass{'' if len(r.passes) == 1 else 'es'})",
                     cap + chart + f'<div class="cols">{cols}</div>')
 
 
