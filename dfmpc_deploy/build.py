@@ -12,10 +12,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .core.options import int_in, option, positive_int, split_values
 from .errors import DfmpcError, UsageError
+
+if TYPE_CHECKING:
+    from .report import Report
 
 __all__ = ["BuildConfig", "run_build", "TARGET_CHOICES", "DEVICE_CHOICES", "resolve_device"]
 
@@ -127,8 +130,8 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def run_build(cfg: BuildConfig, progress=None, warn=None) -> dict:
-    """Run the whole pipeline; returns the report dict (also written to ``cfg.out/report.json``).
+def run_build(cfg: BuildConfig, progress=None, warn=None) -> Report:
+    """Run the whole pipeline; returns the typed report (also written as ``cfg.out/report.{json,md,html}``).
 
     ``warn(message)`` receives one line per user setting the chosen recipe replaces or does not use (default: the
     ``dfmpc_deploy`` logger at WARNING); the report's ``notes`` list them too.
@@ -136,7 +139,7 @@ def run_build(cfg: BuildConfig, progress=None, warn=None) -> dict:
     import torch
 
     from .io.outdir import OutputDir
-    from .report.markdown import REPORT_FORMAT_VERSION, write_report
+    from .report import write_report
 
     device = resolve_device(cfg.device)
     threads_before = torch.get_num_threads()
@@ -145,7 +148,6 @@ def run_build(cfg: BuildConfig, progress=None, warn=None) -> dict:
             if cfg.threads is not None:
                 torch.set_num_threads(cfg.threads)
             rep = _run(cfg, tmp, progress, warn or (lambda m: log.warning("warning: %s", m)), device)
-            rep = {"format_version": REPORT_FORMAT_VERSION, **rep}
             write_report(tmp, rep)
         return rep
     finally:
@@ -171,7 +173,7 @@ def _stage(timings: dict, name: str, t0: float) -> None:
     timings[name] = round(time.perf_counter() - t0, 3)
 
 
-def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> dict:
+def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
     import torch
 
     from .core.graph import GraphAnalysis
@@ -218,36 +220,31 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> dict:
     if run.bn_status != "real":
         notes.append(f"The model's BN layers carry no statistics ({run.bn_status}): nothing was synthesised, the "
                      f"passes that need statistics fell back (see recipe.passes).")
-    rep = _report_head(cfg, lm, mp, input_shape, mean, std, spec, device)
 
+    acc = None
     if data is not None:
         t = time.perf_counter()
-        acc: dict[str, Any] = {"dataset": data.name, "n": len(data.labels)}
-        acc["fp32"] = accuracy(lm.module, data, progress=_task(progress, "eval fp32"))
+        results = {"fp32": accuracy(lm.module, data, progress=_task(progress, "eval fp32"))}
         if cfg.method == "rtn":
-            acc["quantized_uncompensated"] = accuracy(mp.module, data, progress=_task(progress, "eval rtn"))
+            results["quantized_uncompensated"] = accuracy(mp.module, data, progress=_task(progress, "eval rtn"))
         else:
             rtn = run_recipe(get_recipe("rtn"), lm.module, input_shape,
                              {k: v for k, v in cfg.settings.items() if k in ("bits", "per_channel")},
                              arch=cfg.model, graph=graph)
-            acc["quantized_uncompensated"] = accuracy(rtn.module, data, progress=_task(progress, "eval uncompensated"))
-            acc[cfg.method] = accuracy(mp.module, data, progress=_task(progress, f"eval {cfg.method}"))
+            results["quantized_uncompensated"] = accuracy(rtn.module, data,
+                                                          progress=_task(progress, "eval uncompensated"))
+            results[cfg.method] = accuracy(mp.module, data, progress=_task(progress, f"eval {cfg.method}"))
         _stage(timings, "evaluate", t)
-        rep["accuracy"] = acc
+        acc = (data.name, len(data.labels), results)
 
     from .io.container import fp32_nbytes, save_packed
-    sizes: dict[str, Any] = {"fp32": fp32_nbytes(lm.module)}
+    pack_info = None
     if cfg.pack:
         t = time.perf_counter()
         pack_info = save_packed(mp, tmp / "model.dfmpc", compress=cfg.compress)
-        byte_keys = ("fp32", "packed", "low_bit_codes", "high_bit_codes", "scales", "float_tensors", "metadata",
-                     "theoretical", "theoretical_min")
-        sizes.update({k: pack_info[k] for k in byte_keys if k in pack_info})
-        rep["packed_file"] = "model.dfmpc"
-        rep["packing"] = {k: v for k, v in pack_info.items() if k not in byte_keys}
         _stage(timings, "pack", t)
-    rep["size_bytes"] = sizes
 
+    frag: dict[str, Any] = {}
     wanted = [x for x in cfg.targets if x != "torch"]
     if wanted:
         t = time.perf_counter()
@@ -255,60 +252,67 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> dict:
         frag = run_targets(mp, lm.module, input_shape, wanted, tmp, dataset=data, batch_sizes=cfg.batch_sizes,
                            progress=progress.say if progress is not None else None, threads=cfg.threads)
         frag = _relative_paths(frag, tmp)
-        rep["size_bytes"].update(frag.get("size_bytes", {}))
-        if frag.get("accuracy") and "accuracy" in rep:
-            rep["accuracy"].update(frag["accuracy"])
-        for k in ("latency_ms", "speedup", "threads", "parity", "engine", "artifacts"):
-            if k in frag:
-                rep[k] = frag[k]
         notes += frag.get("notes", [])
         _stage(timings, "targets", t)
-
-    rep["timings_s"] = timings
-    rep["notes"] = notes
-    return rep
+    return _report(cfg, lm, mp, input_shape, mean, std, device, timings, notes, acc, fp32_nbytes(lm.module),
+                   pack_info, frag, tuple(wanted))
 
 
-def _report_head(cfg: BuildConfig, lm, mp, input_shape, mean, std, spec, device) -> dict:
-    """The report's description of the model, the recipe that ran and the compensated layers."""
+def _report(cfg: BuildConfig, lm, mp, input_shape, mean, std, device, timings, notes, acc, fp32: int,
+            pack_info: dict | None, frag: dict, targets: tuple[str, ...]) -> Report:
+    """The typed report of the build (dfmpc_deploy.report): model, recipe as it ran, sizes, accuracy, latency."""
     import torch
 
-    from .io.container import avg_code_bits
+    from . import report as R
     from .passes.recipes import get_recipe
-    from .report.markdown import layer_table
 
     run = mp.config
     recipe = get_recipe(run.recipe)
-    widths = sorted({q.bits for q in mp.layers.values()})
+    rows = R.layer_rows(mp)
     quant = run.record("quantize")
-    low, high = (int(x) for x in quant.config["bits"].split("/")) if quant else (widths[0], widths[-1])
+    widths = sorted({q.bits for q in mp.layers.values()})
+    low, high = (quant.config["bits"].split("/") if quant else (widths[0], widths[-1]))
     alloc = run.record("allocate")
     mixed = alloc is not None and "bits_histogram" in alloc.info
-    avg = round(avg_code_bits(mp.layers.values()), 4)
     calib = run.record("calibrate")
     synthesis = None
     if calib is not None and calib.info.get("source") == "synthetic":
-        synthesis = {k: calib.info[k] for k in ("samples", "steps_run", "steps_max", "resolution", "stopped_early",
-                                                "loss_initial", "loss_final")}
-        synthesis["seconds"] = calib.seconds
-    rep: dict[str, Any] = {
-        "model": cfg.model,
-        "weights": lm.weights if lm.weights in ("random", "pretrained") else str(lm.weights),
-        "method": cfg.method,
-        "bits": f"mixed {low}..{high} ({avg} bits/weight)" if mixed else f"{low}/{high}",
-        "bits_spec": {"low": low, "high": high, "mixed": mixed, "avg_code_bits": avg},
-        "estimator": mp.estimator,
-        "recipe": {"name": recipe.name, "description": recipe.description, "data_used": recipe.data_used,
-                   "fine_tuning": recipe.fine_tuning,
-                   "passes": [{"name": p.name, "config": p.config, "seconds": p.seconds, "info": p.info}
-                              for p in run.passes]},
-        "runtime": {"threads": torch.get_num_threads(), "device": device.type, "torch": torch.__version__},
-        "statistics": {"bn": run.bn_status, "estimator": mp.estimator, "synthesis": synthesis},
-        "pairs": [{"low": p.low, "high": p.high, "bn": p.bn, "act": p.act} for p in mp.analysis().pairs],
-        "input_shape": list(input_shape),
-        "preprocessing": {"mean": list(mean), "std": list(std), "resize": spec.resize},
-        "layers": layer_table(mp),
-    }
-    if mixed:
-        rep["allocation"] = {**alloc.info, "seconds": alloc.seconds}
-    return rep
+        synthesis = R.Synthesis(**{k: calib.info[k] for k in ("samples", "steps_run", "steps_max", "resolution",
+                                                              "stopped_early", "loss_initial", "loss_final")},
+                                seconds=calib.seconds)
+    accuracy = None
+    if acc is not None:
+        name, n, results = acc
+        results = {**results, **frag.get("accuracy", {})}
+        accuracy = R.Accuracy(dataset=name, n=n, results={k: R.TopK.from_dict(v) for k, v in results.items()})
+    frag_sizes = frag.get("size_bytes", {})
+    sizes = R.Sizes(fp32=fp32, packed=R.PackedSize.from_size_report(pack_info) if pack_info else None,
+                    onnx={k[5:]: v for k, v in frag_sizes.items() if k.startswith("onnx_")},
+                    engine=frag_sizes.get("engine"))
+    target_sections = {k: R.Report.section_from_dict(k, frag[k])
+                       for k in ("latency_ms", "speedup", "threads", "parity", "engine", "artifacts") if k in frag}
+    return R.Report(
+        model=cfg.model,
+        weights=lm.weights if lm.weights in ("random", "pretrained") else str(lm.weights),
+        method=cfg.method,
+        bits=R.Bits.from_rows(rows, low=int(low), high=int(high), mixed=mixed),
+        recipe=R.Recipe(name=recipe.name, description=recipe.description, data_used=recipe.data_used,
+                        fine_tuning=recipe.fine_tuning,
+                        passes=tuple(R.PassRecord(name=p.name, config=p.config, seconds=p.seconds, info=p.info)
+                                     for p in run.passes)),
+        runtime=R.Runtime(threads=torch.get_num_threads(), device=device.type, torch=torch.__version__),
+        statistics=R.Statistics(bn=run.bn_status, estimator=mp.estimator, synthesis=synthesis),
+        pairs=tuple(R.Pair.from_link(p) for p in mp.analysis().pairs),
+        input_shape=tuple(input_shape),
+        preprocessing=R.Preprocessing(mean=tuple(mean), std=tuple(std), resize=lm.spec.resize),
+        targets=targets,
+        accuracy=accuracy,
+        allocation=R.Allocation(**alloc.info, seconds=alloc.seconds) if mixed else None,
+        packed_file="model.dfmpc" if pack_info else None,
+        packing=R.Packing.from_size_report(pack_info) if pack_info else None,
+        size_bytes=sizes,
+        timings_s=timings,
+        layers=tuple(rows),
+        notes=tuple(notes),
+        **target_sections,
+    )

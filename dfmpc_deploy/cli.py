@@ -10,7 +10,6 @@ its traceback, because it is a bug. Ctrl-C exits 130, SIGTERM 143; neither leave
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -66,22 +65,24 @@ def _cmd_build(args) -> int:
     with Progress(enabled=None if not args.quiet else False) as prog:
         rep = run_build(cfg, progress=prog, warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
     if args.json:
-        print(json.dumps(rep, indent=2, allow_nan=False))
+        from .report import report_json
+        print(report_json(rep))
     elif not args.quiet:
         print(_summary(rep, cfg.out))
     return 0
 
 
-def _summary(rep: dict, out: Path) -> str:
-    lines = [f"{rep['model']} {rep['bits']} ({rep['method']}; statistics: {rep['estimator']})"]
-    acc = rep.get("accuracy")
-    if acc:
-        parts = [f"{k} {v['top1']:.2f}%" for k, v in acc.items() if isinstance(v, dict) and "top1" in v]
-        lines.append(f"top-1 on {acc['n']} images: " + ", ".join(parts))
-    sz = rep.get("size_bytes", {})
-    if "packed" in sz:
-        lines.append(f"size: fp32 {sz['fp32'] / 1e6:.2f} MB -> packed {sz['packed'] / 1e6:.3f} MB")
-    lines.append(f"compensation took {rep['timings_s'].get('compensate', 0):.2f} s; report: {out / 'report.md'}")
+def _summary(rep, out: Path) -> str:
+    """Three lines for the terminal from the typed report."""
+    estimator = rep.statistics.estimator if rep.statistics else ""
+    lines = [f"{rep.model} {rep.bits.display()} ({rep.method}; statistics: {estimator})"]
+    if rep.accuracy is not None:
+        parts = [f"{k} {v.top1:.2f}%" for k, v in rep.accuracy.results.items()]
+        lines.append(f"top-1 on {rep.accuracy.n} images: " + ", ".join(parts))
+    if rep.size_bytes.packed is not None:
+        sz = rep.size_bytes
+        lines.append(f"size: fp32 {sz.fp32 / 1e6:.2f} MB -> packed {sz.packed.packed / 1e6:.3f} MB")
+    lines.append(f"compensation took {rep.timings_s.get('compensate', 0):.2f} s; report: {out / 'report.md'}")
     return "\n".join(lines)
 
 

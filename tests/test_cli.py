@@ -95,8 +95,9 @@ def test_build_random_weights_then_force_replaces(capsys, tmp_path):
                              "--rounding", "nearest", "--out", str(out), "--force", "--json")
     assert code == 0, err
     rep = json.loads(stdout)
-    from dfmpc_deploy.report.markdown import REPORT_FORMAT_VERSION
-    assert rep["weights"] == "random" and rep["format_version"] == REPORT_FORMAT_VERSION
+    from dfmpc_deploy.report import FORMAT_VERSION, Report
+    assert rep["weights"] == "random" and rep["format_version"] == FORMAT_VERSION
+    assert Report.from_dict(rep).to_dict() == rep
     assert sorted(p.name for p in out.iterdir()) == ["model.dfmpc", "report.html", "report.json", "report.md"]
     assert "RANDOM weights" in (out / "report.md").read_text()
     assert rep["size_bytes"]["packed"] == (out / "model.dfmpc").stat().st_size
@@ -145,7 +146,8 @@ def test_build_on_real_data_beats_uncompensated_by_far(capsys, tmp_path):
     assert acc["n"] == 300 and acc["fp32"]["top1"] > 75
     assert acc["quantized_uncompensated"]["top1"] < 30
     assert acc["dfmpc"]["top1"] > 70, acc  # measured 78.3 on these images with 30 steps; chance is 10
-    assert "no data" in rep["estimator"]
+    assert "no data" in rep["statistics"]["estimator"] and rep["statistics"]["bn"] == "real"
+    assert rep["statistics"]["synthesis"]["steps_max"] == 60
     roles = {r["layer"]: (r["role"], r["bits"]) for r in rep["layers"]}
     assert roles["layer1.0.conv1"] == ("low", 2) and roles["layer1.0.conv2"] == ("high-compensating", 6)
     assert rep["timings_s"]["compensate"] > 0
@@ -216,7 +218,7 @@ def test_size_budget_build(capsys, tmp_path):
     assert code == 0, err
     rep = json.loads(stdout)
     assert rep["size_bytes"]["packed"] == (tmp_path / "o" / "model.dfmpc").stat().st_size <= 150_000
-    assert rep["allocation"]["budget_bytes"] == 150_000 and rep["bits_spec"]["mixed"]
+    assert rep["allocation"]["budget_bytes"] == 150_000 and rep["bits"]["mixed"]
     assert len({layer["bits"] for layer in rep["layers"]}) >= 2
     assert "chosen per layer by data-free sensitivity within 150000 bytes" in (tmp_path / "o" / "report.md").read_text()
 

@@ -1,0 +1,72 @@
+"""Writing and reading the report files: report.json (atomic, ``allow_nan=False``), report.md and report.html."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import DfmpcError
+from ..io.atomic import atomic_write_text
+from .model import Report, ReportError
+
+__all__ = ["write_report", "read_report", "report_json"]
+
+
+def report_json(report: Report) -> str:
+    """report.json's text: ``report.to_dict()``, 2-space indent, trailing newline, no NaN or infinity."""
+    return json.dumps(report.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_report(out_dir: str | os.PathLike, report: Report) -> None:
+    """Write ``report.json``, ``report.md`` and the self-contained ``report.html`` into ``out_dir``.
+
+    All three are rendered before the first is written, and each is written atomically (temp file + rename), so
+    a failure leaves the directory as it was.
+
+    Args:
+        out_dir: an existing directory.
+        report: the typed report.
+
+    Raises:
+        TypeError: ``report`` is not a :class:`Report`.
+        DfmpcError: ``out_dir`` is not a directory, or a file cannot be written (permissions, full disk).
+    """
+    from .html import render_html
+    from .markdown import render_markdown
+
+    if not isinstance(report, Report):
+        raise TypeError(f"write_report: expected a Report, got {type(report).__name__}")
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise DfmpcError(f"cannot write the report: '{out}' is not a directory")
+    texts = {"report.json": report_json(report), "report.md": render_markdown(report),
+             "report.html": render_html(report)}
+    for name, text in texts.items():
+        atomic_write_text(out / name, text)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_report(path: str | os.PathLike) -> Report:
+    """Read a format-2 report.json (a directory means its ``report.json``).
+
+    Raises:
+        ReportError: the file is missing, not JSON (NaN / Infinity included), or not a valid format-2 report.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except FileNotFoundError:
+        raise ReportError(f"{p}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"{p}: cannot read it ({err})") from None
+    except ValueError as err:
+        raise ReportError(f"{p}: not valid JSON ({err})") from None
+    try:
+        return Report.from_dict(data)
+    except ReportError as err:
+        raise ReportError(f"{p}: {err}") from None
