@@ -322,7 +322,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None, *,
         BadFileError: not a regular file, unreadable, truncated, corrupt (checksum, invalid codes, non-finite or
             out-of-range values), another format version, or a file that does not fit the architecture.
         DfmpcError: the recorded architecture is not a registered name and neither ``model`` nor ``skeleton`` was
-            given.
+            given, or there is not enough memory for the model.
     """
     t0 = time.perf_counter()
     with _PackedFile(path) as f:
@@ -335,6 +335,23 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None, *,
     bad = _bad_sections(h, payload)
     if bad:
         raise BadFileError(f"{source}: checksum mismatch in the {' and '.join(bad)} section(s){_REPACK}")
+    try:
+        module, layers = _build(h, payload, module, model, build, source)
+    except (MemoryError, RuntimeError) as err:  # torch reports a failed CPU allocation as a RuntimeError
+        if isinstance(err, RuntimeError) and "allocate" not in str(err):
+            raise
+        need = 2 * f.size + 2 * sum(4 * r.numel for r in h.layers) + sum(r.nbytes for r in h.tensors)
+        raise DfmpcError(f"{source}: not enough memory to load it (about {need / 2**20:.0f} MiB needed); free "
+                           f"memory or raise the limit") from None
+    seconds = time.perf_counter() - t0
+    log.info("Finished loading in %.3f seconds", seconds)
+    info = {"packed_file": str(path), "format_version": FORMAT_VERSION, "load_seconds": round(seconds, 4)}
+    return MixedPrecisionModel(module.eval(), layers, h.arch, None, h.estimator, info)
+
+
+def _build(h: Header, payload: memoryview, module: nn.Module, model: nn.Module | None,
+           build: Callable[[str], nn.Module] | None, source: str) -> tuple[nn.Module, dict[str, QuantLayer]]:
+    """Decode and check every payload, then give ``module`` (on the meta device) the decoded tensors."""
     layers, state = {}, {}
     for r, data, sc, ins in _walk(h, payload):
         if isinstance(r, TensorRecord):
@@ -351,17 +368,13 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None, *,
         q = QuantLayer(r.fqn, r.kind, r.role, r.bits, codes, scale, in_scale=in_scale, partner=partner)
         layers[r.fqn] = q
         state[r.name] = q.weight()
-    del payload
     module.load_state_dict(state, strict=True, assign=True)  # assign: the decoded tensors become the model's
     if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
         # non-persistent buffers are not in the file: build the architecture for real, now that all checks passed
         with torch.random.fork_rng(devices=[]):
             module = build(h.arch) if build is not None else copy.deepcopy(model)  # type: ignore[arg-type]
         module.load_state_dict(state, strict=True, assign=True)
-    seconds = time.perf_counter() - t0
-    log.info("Finished loading in %.3f seconds", seconds)
-    info = {"packed_file": str(path), "format_version": FORMAT_VERSION, "load_seconds": round(seconds, 4)}
-    return MixedPrecisionModel(module.eval(), layers, h.arch, None, h.estimator, info)
+    return module, layers
 
 
 # ---------------------------------------------------------------------------------------------------- reports
