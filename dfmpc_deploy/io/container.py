@@ -52,7 +52,7 @@ from .header import (
     printable,
 )
 from .layouts import CodeLayout, decode_codes, iter_codes
-from .plan import check_finite, check_scale_use, check_variance, plan_file, torch_dtype
+from .plan import check_finite, check_layer_scales, check_variance, plan_file, torch_dtype
 from .sizes import FP32_RULE, avg_code_bits, code_nbytes, fp32_nbytes, packed_nbytes, size_report
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "FP32_RULE", "CodeLayout", "InspectResult", "save_packed", "load_packed",
@@ -172,10 +172,7 @@ def _scales(r: LayerRecord, sc: memoryview, ins: memoryview | None) -> tuple[tor
 
 def _check_layer(r: LayerRecord, scale: torch.Tensor, in_scale: torch.Tensor | None,
                  codes_all_zero: Callable[[], bool], where: str) -> None:
-    check_finite(scale, f"{where}layer '{printable(r.fqn)}': the scale", BadFileError)
-    if in_scale is not None:
-        check_finite(in_scale, f"{where}layer '{printable(r.fqn)}': the in_scale", BadFileError)
-    check_scale_use(scale, codes_all_zero, f"{where}layer '{printable(r.fqn)}'", BadFileError)
+    check_layer_scales(r.bits, scale, in_scale, codes_all_zero, f"{where}layer '{printable(r.fqn)}'", BadFileError)
 
 
 def _check_tensor(r: TensorRecord, t: torch.Tensor, where: str) -> None:
@@ -241,15 +238,16 @@ def _write_pieces(tmp: Path, pieces: list[bytes]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- loading
 
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose state-dict tensors live on the meta device (no memory); other attributes copied."""
+def _copy_with(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` holding the tensors of ``state`` (by state-dict key) instead of its own; nothing else of
+    ``model``'s parameters or persistent buffers is copied."""
     keys = set(model.state_dict(keep_vars=True))
     memo: dict = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        memo[id(p)] = nn.Parameter(state[name], requires_grad=p.requires_grad)
     for name, b in model.named_buffers(remove_duplicate=False):
         if name in keys:
-            memo[id(b)] = torch.empty_like(b, device="meta")
+            memo[id(b)] = state[name]
     return copy.deepcopy(model, memo)
 
 
@@ -264,17 +262,17 @@ def _zoo_skeleton(arch: str, source: str) -> Callable[[str], nn.Module]:
     return lambda _: spec.build(False)
 
 
-def _meta_skeleton(h: Header, model: nn.Module | None, build: Callable[[str], nn.Module] | None,
-                   source: str) -> nn.Module:
+def _skeleton(h: Header, model: nn.Module | None, build: Callable[[str], nn.Module] | None) -> nn.Module:
+    """The architecture to check the file against: ``model`` itself (only read), or ``build(arch)`` on meta."""
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module skeleton, got {type(model).__name__}")
-        return _meta_copy(model)
+        return model
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no memory, and the caller's RNG is untouched
         m = build(h.arch)  # type: ignore[misc]
     if not isinstance(m, nn.Module):
         raise TypeError(f"skeleton({h.arch!r}) must return an nn.Module, got {type(m).__name__}")
-    return m if all(t.is_meta for t in m.state_dict().values()) else _meta_copy(m)
+    return m
 
 
 def _check_fits(h: Header, module: nn.Module, source: str) -> None:
@@ -310,7 +308,8 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None, *,
 
     Args:
         path: a file written by :func:`save_packed`.
-        model: architecture to load into (not modified: its structure is copied onto the meta device).
+        model: architecture to load into (not modified; its tensors are not copied, the decoded ones replace them
+            in a copy).
         skeleton: ``name -> nn.Module`` building the architecture from the recorded name (called under
             ``torch.device("meta")``); default: the model zoo's ``get_spec(name).build(False)``.
 
@@ -329,7 +328,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None, *,
         h, source = f.header, f.source
         log.info("Loading packed model %s (%s, %d layers)", source, printable(h.arch), len(h.layers))
         build = skeleton if skeleton is not None or model is not None else _zoo_skeleton(h.arch, source)
-        module = _meta_skeleton(h, model, build, source)
+        module = _skeleton(h, model, build)
         _check_fits(h, module, source)
         payload = f.read_payload()
     bad = _bad_sections(h, payload)
@@ -368,11 +367,13 @@ def _build(h: Header, payload: memoryview, module: nn.Module, model: nn.Module |
         q = QuantLayer(r.fqn, r.kind, r.role, r.bits, codes, scale, in_scale=in_scale, partner=partner)
         layers[r.fqn] = q
         state[r.name] = q.weight()
+    if model is not None:  # the caller's model stays as it is
+        return _copy_with(model, state), layers
     module.load_state_dict(state, strict=True, assign=True)  # assign: the decoded tensors become the model's
     if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
         # non-persistent buffers are not in the file: build the architecture for real, now that all checks passed
         with torch.random.fork_rng(devices=[]):
-            module = build(h.arch) if build is not None else copy.deepcopy(model)  # type: ignore[arg-type]
+            module = build(h.arch)  # type: ignore[misc]
         module.load_state_dict(state, strict=True, assign=True)
     return module, layers
 

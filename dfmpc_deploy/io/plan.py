@@ -30,7 +30,7 @@ from .header import (
 from .layouts import MAX_ELEMENTS, CodeLayout, encode_codes, layout_nbytes
 
 __all__ = ["Plan", "plan_file", "torch_dtype", "dtype_name", "raw_bytes", "uniform", "check_finite",
-           "check_variance", "check_scale_use"]
+           "check_variance", "check_layer_scales"]
 
 _TORCH = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -75,14 +75,29 @@ def check_variance(name: str, t: torch.Tensor, what: str, exc=DfmpcError, fix: s
                   f"must be positive{fix}")
 
 
-def check_scale_use(scale: torch.Tensor, codes_all_zero: Callable[[], bool], what: str, exc=DfmpcError,
-                    fix: str = "") -> None:
-    """A layer whose every scale is 0 must have all-zero codes (else it silently outputs zeros: a failed quantizer).
+def check_layer_scales(bits: int, scale: torch.Tensor, in_scale: torch.Tensor | None,
+                       codes_all_zero: Callable[[], bool], what: str, exc=DfmpcError, fix: str = "") -> None:
+    """The scales of one layer must give finite float32 weights for every code the layer can hold.
 
-    ``codes_all_zero`` is called only when every scale is 0.
+    Rules: ``scale`` and ``in_scale`` finite; ``(2^bits - 1) * max|scale| * max|in_scale|`` (1 for ternary) at most
+    half the float32 maximum (no weight, however it is rounded, overflows); and not every scale 0 unless every code
+    is 0 (else the layer silently outputs zeros: a failed quantizer). ``codes_all_zero`` is called only then.
     """
-    if scale.numel() and not bool(scale.any()) and not codes_all_zero():
-        raise exc(f"{what}: every scale is 0 but the codes are not all zero, so the layer outputs zeros{fix}")
+    check_finite(scale, f"{what}: the scale", exc, fix)
+    if in_scale is not None:
+        check_finite(in_scale, f"{what}: the in_scale", exc, fix)
+    if scale.numel():
+        top = 1 if bits == 2 else (1 << bits) - 1
+        peak = top * float(scale.abs().max()) * (float(in_scale.abs().max()) if in_scale is not None and
+                                                 in_scale.numel() else 1.0)
+        if peak > _MAX_WEIGHT:
+            raise exc(f"{what}: scales up to {float(scale.abs().max()):.3g} make weights up to {peak:.3g}, beyond "
+                      f"float32{fix}")
+        if not bool(scale.any()) and not codes_all_zero():
+            raise exc(f"{what}: every scale is 0 but the codes are not all zero, so the layer outputs zeros{fix}")
+
+
+_MAX_WEIGHT = float(torch.finfo(torch.float32).max) / 2
 
 
 def _sha256(pieces: list[bytes]) -> bytes:
@@ -134,13 +149,11 @@ def _layer_record(q: QuantLayer, key: str, index: dict[str, int], ternary_layout
         nb = layout_nbytes(layout, q.bits, q.numel)
     if payload:
         scale = q.scale.detach().float()
-        check_finite(scale, f"cannot pack layer '{printable(q.fqn)}': its scale", fix=_PACK_FIX)
-        check_scale_use(scale, lambda: not bool(q.codes.any()), f"cannot pack layer '{printable(q.fqn)}'",
-                        fix=_PACK_FIX)
+        ins = None if q.in_scale is None else q.in_scale.detach().float()
+        check_layer_scales(q.bits, scale, ins, lambda: not bool(q.codes.any()),
+                           f"cannot pack layer '{printable(q.fqn)}'", fix=_PACK_FIX)
         pieces.append(raw_bytes(scale[:1] if scale_once else scale))
-        if q.in_scale is not None:
-            ins = q.in_scale.detach().float()
-            check_finite(ins, f"cannot pack layer '{printable(q.fqn)}': its in_scale", fix=_PACK_FIX)
+        if ins is not None:
             pieces.append(raw_bytes(ins[:1] if in_once else ins))
     rec = LayerRecord(key, q.kind, q.bits, CodeLayout(layout), q.role, shape,
                       None if q.partner is None else index[q.partner], q.in_scale is not None, scale_once, in_once, nb)

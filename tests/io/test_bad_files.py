@@ -194,6 +194,7 @@ CONTENT_CASES = {
     "NaN scale": (_set_f32("scale", math.nan), "the scale holds 8 non-finite"),  # stored once, for 8 channels
     "Inf in_scale": (_set_f32("in_scale", math.inf), "the in_scale holds 1 non-finite"),
     "zero scales, non-zero codes": (_set_f32("scale", 0.0), "every scale is 0 but the codes are not all zero"),
+    "huge scale": (_set_f32("scale", 1e38), "make weights up to [0-9.]+e\\+39, beyond float32"),
     "NaN BN weight": (_set_tensor("1.weight", math.nan), "'1.weight' holds 1 non-finite"),
     "Inf BN mean": (_set_tensor("4.running_mean", -math.inf, 3), "'4.running_mean' holds 1 non-finite"),
     "NaN BN variance": (_set_tensor("1.running_var", math.nan), "'1.running_var' holds 1 non-finite"),
@@ -306,6 +307,9 @@ def _broken(mp, what: str):
             q = mp.layers["3"]
             mp.layers["3"] = dataclasses.replace(q, scale=torch.full_like(q.scale, math.nan))
             mp.module[3].weight.copy_(mp.layers["3"].weight())
+        elif what == "huge scale":
+            q = mp.layers["3"]
+            mp.layers["3"] = dataclasses.replace(q, scale=torch.full_like(q.scale, 1e37))
         elif what == "zero scales":
             q = mp.layers["3"]
             mp.layers["3"] = dataclasses.replace(q, scale=torch.zeros_like(q.scale))
@@ -322,7 +326,8 @@ def _broken(mp, what: str):
 
 
 @pytest.mark.parametrize("what,message", [
-    ("nan scale", "layer '3': its scale holds 8 non-finite"),
+    ("nan scale", "layer '3': the scale holds 8 non-finite"),
+    ("huge scale", "layer .3.: scales up to 1e\\+37 make weights up to [0-9.]+e\\+38, beyond float32"),
     ("zero scales", "layer '3': every scale is 0 but the codes are not all zero"),
     ("nan statistics", "'4.running_mean': it holds 1 non-finite"),
     ("zero variance", "'1.running_var': it has 1 value.* <= 0"),

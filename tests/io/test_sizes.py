@@ -13,33 +13,9 @@ from dfmpc_deploy.io.container import packed_size_report, save_packed
 from dfmpc_deploy.io.sizes import avg_code_bits, fp32_nbytes, packed_nbytes
 from dfmpc_deploy.passes.compensate import compensate
 from tests.conftest import R56_WEIGHTS, needs_shared
-from tests.io.helpers import bell_net, quick_config, split, variant_net
+from tests.io.helpers import OddNet, bell_net, quick_config, split, variant_net
 
 PAPER_RESNET18_2_6_MIB = 5.48  # DF-MPC Table 3; the paper's "MB" is MiB (FP32 ResNet-18 = 44.59)
-
-
-class OddNet(nn.Module):
-    """Odd element counts everywhere (5 x 3 x 3 x 3 = 135, 7 x 5 x 3 x 1 = 105, 3 x 7 = 21) and stored tensors of
-    other dtypes (float16, float64, bool, a 0-d int64)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.a = nn.Conv2d(3, 5, 3, padding=1, bias=False)
-        self.bn_a = nn.BatchNorm2d(5)
-        self.b = nn.Conv2d(5, 7, (3, 1), padding=(1, 0), bias=False)
-        self.bn_b = nn.BatchNorm2d(7)
-        self.fc = nn.Linear(7, 3)
-        self.act = nn.ReLU6()
-        self.register_buffer("f16", torch.linspace(-1, 1, 3).half())
-        self.register_buffer("f64", torch.tensor(0.125, dtype=torch.float64))
-        self.register_buffer("mask", torch.tensor([True, False, True]))
-        self.register_buffer("count", torch.tensor(7))
-
-    def forward(self, x):
-        x = self.act(self.bn_a(self.a(x)))
-        x = torch.relu(self.bn_b(self.b(x)))
-        return self.fc(x.mean(dim=(2, 3))) + self.f16.float() * self.mask + self.f64.float()
 
 
 MODELS = {"relu": lambda: variant_net("relu"), "relu6": lambda: variant_net("relu6"),
