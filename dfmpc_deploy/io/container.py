@@ -15,7 +15,7 @@ checked from the first 16 bytes before anything else is read; the header's diges
 checked against its limit and against the real file size, and every record against the architecture skeleton (built
 on the ``meta`` device, so a file naming a big architecture costs no memory) before any payload byte is read or any
 tensor is allocated. Then the section digests are verified and every payload is decoded and checked (codes in range,
-zero padding, scales and float tensors finite, BatchNorm variances positive). Each failure is one
+zero padding, scales and float tensors finite, BatchNorm variances not negative). Each failure is one
 :class:`~dfmpc_deploy.errors.BadFileError` line naming it.
 """
 from __future__ import annotations
@@ -200,8 +200,8 @@ def save_packed(mp: MixedPrecisionModel, path: str | os.PathLike,
     Raises:
         ValueError: an unknown ``ternary_layout``.
         DfmpcError: the model cannot be packed (a weight that is not codes * scale, a non-finite scale or float
-            tensor, a BatchNorm variance <= 0, a layer with all-zero scales but non-zero codes, a key or shape beyond
-            the format's limits), or the file cannot be written; nothing is left behind.
+            tensor, a negative BatchNorm variance, a layer with all-zero scales but non-zero codes, a key or shape
+            beyond the format's limits), or the file cannot be written; nothing is left behind.
 
     Example::
 
@@ -434,7 +434,7 @@ def inspect_packed(path: str | os.PathLike) -> InspectResult:
 
     Structural problems (anything in the header, or sizes that do not fit the file) raise; content problems (a
     section checksum, invalid codes, a corrupt deflate stream, non-zero padding, non-finite scales or tensors,
-    BatchNorm variances <= 0) are listed in the result, whose ``ok`` is then False. Memory is bounded by about twice
+    negative BatchNorm variances) are listed in the result, whose ``ok`` is then False. Memory is bounded by about twice
     the file size: the codes are decoded in chunks and not kept.
 
     Raises:

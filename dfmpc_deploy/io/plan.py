@@ -69,10 +69,14 @@ def check_finite(t: torch.Tensor, what: str, exc=DfmpcError, fix: str = "") -> N
 
 
 def check_variance(name: str, t: torch.Tensor, what: str, exc=DfmpcError, fix: str = "") -> None:
-    """Raise ``exc`` if ``t`` is a BatchNorm ``running_var`` with a value <= 0 (it must be finite-positive)."""
-    if name.endswith("running_var") and t.is_floating_point() and t.numel() and not bool((t > 0).all()):
-        raise exc(f"{what} has {int((t <= 0).sum())} value(s) <= 0 (min {float(t.min()):.3g}); BatchNorm variances "
-                  f"must be positive{fix}")
+    """Raise ``exc`` if ``t`` is a BatchNorm ``running_var`` with a negative value (``var + eps`` must be > 0).
+
+    Zero is legitimate: a channel whose quantized weights are all 0 outputs a constant, whose re-estimated variance
+    is exactly 0 (BatchNorm divides by ``sqrt(var + eps)``).
+    """
+    if name.endswith("running_var") and t.is_floating_point() and t.numel() and bool((t < 0).any()):
+        raise exc(f"{what} has {int((t < 0).sum())} negative value(s) (min {float(t.min()):.3g}); BatchNorm variances "
+                  f"cannot be negative{fix}")
 
 
 def check_layer_scales(bits: int, scale: torch.Tensor, in_scale: torch.Tensor | None,
