@@ -348,6 +348,10 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None, *,
     return MixedPrecisionModel(module.eval(), layers, h.arch, None, h.estimator, info)
 
 
+def _all_zero(codes: torch.Tensor) -> Callable[[], bool]:
+    return lambda: not bool(codes.any())
+
+
 def _build(h: Header, payload: memoryview, module: nn.Module, model: nn.Module | None,
            build: Callable[[str], nn.Module] | None, source: str) -> tuple[nn.Module, dict[str, QuantLayer]]:
     """Decode and check every payload, then give ``module`` (on the meta device) the decoded tensors."""
@@ -362,7 +366,7 @@ def _build(h: Header, payload: memoryview, module: nn.Module, model: nn.Module |
         except ValueError as err:
             raise BadFileError(f"{source}: layer '{printable(r.fqn)}': {err}{_REPACK}") from None
         scale, in_scale = _scales(r, sc, ins)
-        _check_layer(r, scale, in_scale, lambda c=codes: not bool(c.any()), f"{source}: ")
+        _check_layer(r, scale, in_scale, _all_zero(codes), f"{source}: ")
         partner = None if r.partner is None else h.records[r.partner].name[: -len(".weight")]
         q = QuantLayer(r.fqn, r.kind, r.role, r.bits, codes, scale, in_scale=in_scale, partner=partner)
         layers[r.fqn] = q

@@ -211,10 +211,10 @@ def encode_header(h: Header, spans: list | None = None) -> bytes:
         raise ValueError(f"arch name of {len(arch)} bytes / estimator of {len(est)} bytes: the limits are "
                          f"1..{MAX_ARCH_BYTES} / {MAX_ESTIMATOR_BYTES}")
     sizes = h.section_nbytes
-    for i, name in enumerate(SECTIONS):
-        out.put("<Q", sizes[i], f"{name}_nbytes")
-    for i, name in enumerate(SECTIONS):
-        out.raw(h.digests[i], f"{name}_sha256")
+    for i, section in enumerate(SECTIONS):
+        out.put("<Q", sizes[i], f"{section}_nbytes")
+    for i, section in enumerate(SECTIONS):
+        out.raw(h.digests[i], f"{section}_sha256")
     out.put("<I", len(h.records), "record_count")
     out.put("<H", len(arch), "arch_nbytes")
     out.put("<H", len(est), "estimator_nbytes")

@@ -310,6 +310,7 @@ def encode_codes(codes, bits: int, ternary_layout: CodeLayout | str = CodeLayout
         ValueError: codes outside their range, or a bad layout/bit width.
     """
     ternary_layout = CodeLayout(ternary_layout)
+    layout: CodeLayout
     if not _is_int(bits) or not 2 <= bits <= 8:
         raise ValueError(f"bits {bits!r} must be an int in 2..8")
     if bits == 2:

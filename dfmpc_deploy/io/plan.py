@@ -206,7 +206,7 @@ def plan_file(mp: MixedPrecisionModel, ternary_layout: CodeLayout = CodeLayout.T
                 raise DfmpcError(f"layer '{printable(q.fqn)}': the module's weight is not codes * scale; pack the "
                                  f"MixedPrecisionModel returned by compensate() without editing its weights")
             records.append(rec)
-            if payload:
+            if payload and data is not None:
                 plan.codes.append(data)
                 plan.scales.extend(pieces)
             continue
