@@ -163,11 +163,15 @@ def _tensor(dtype: str, shape: tuple[int, ...], data: memoryview) -> torch.Tenso
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(torch_dtype(dtype)).reshape(shape)
 
 
-def _scales(r: LayerRecord, sc: memoryview, ins: memoryview | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    scale = _tensor("F32", (r.scale_count,), sc).expand(r.shape[0]).clone()
-    if ins is None:
-        return scale, None
-    return scale, _tensor("F32", (r.in_scale_count,), ins).expand(r.shape[1]).clone()
+def _scales(r: LayerRecord, sc: memoryview, ins: memoryview | None,
+            expand: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's scale (and in_scale) as stored, or with ``expand`` one per channel (only once the shape has been
+    checked against the architecture: a scale stored once could otherwise claim any number of channels)."""
+    scale = _tensor("F32", (r.scale_count,), sc)
+    in_scale = None if ins is None else _tensor("F32", (r.in_scale_count,), ins)
+    if not expand:
+        return scale, in_scale
+    return scale.expand(r.shape[0]).clone(), None if in_scale is None else in_scale.expand(r.shape[1]).clone()
 
 
 def _check_layer(r: LayerRecord, scale: torch.Tensor, in_scale: torch.Tensor | None,
@@ -426,7 +430,7 @@ def _layer_status(r: LayerRecord, data: memoryview, sc: memoryview, ins: memoryv
         nonzero = False
         for c in iter_codes(r.layout, r.bits, data, r.numel):
             nonzero = nonzero or bool(c.any())
-        scale, in_scale = _scales(r, sc, ins)
+        scale, in_scale = _scales(r, sc, ins, expand=False)  # no architecture here to bound the channel count
         _check_layer(r, scale, in_scale, lambda: not nonzero, "")
     except (ValueError, BadFileError) as err:
         return str(err)

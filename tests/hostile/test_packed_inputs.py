@@ -7,16 +7,19 @@ import json
 import os
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
 import time
+import zlib
 
 import pytest
 
 from dfmpc_deploy.cli import main
 from dfmpc_deploy.errors import BadFileError
 from dfmpc_deploy.io.container import inspect_packed, load_packed, packed_size_report, save_packed
+from dfmpc_deploy.io.layouts import CodeLayout
 from dfmpc_deploy.passes.compensate import compensate
 from tests.conftest import ROOT
 from tests.io.helpers import join, quick_config, split, variant_net
@@ -182,7 +185,8 @@ MEMORY_CHILD = textwrap.dedent("""
             if line.startswith("VmSize"):
                 return int(line.split()[1]) * 1024
 
-    legit, tiny, model_bytes, hostile = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    legit, tiny, model_bytes, claim = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    hostile = sys.argv[5:]
     from tests.io.helpers import variant_net
     load_packed(tiny, model=variant_net("relu6"))  # warm-up: lazy imports, allocator arenas
     inspect_packed(tiny)
@@ -197,6 +201,8 @@ MEMORY_CHILD = textwrap.dedent("""
             load_packed(p)
         except BadFileError as err:
             out["refused"].append(str(err)[:60])
+    resource.setrlimit(resource.RLIMIT_AS, (base + 2 * os.path.getsize(claim) + 32 * mib, hard))
+    out["claim_ok"] = inspect_packed(claim).ok  # a valid file; 2^27 one-scale channels must not be expanded
     resource.setrlimit(resource.RLIMIT_AS, (base + 2 * size + 32 * mib, hard))
     out["inspect_ok"] = inspect_packed(legit).ok
     resource.setrlimit(resource.RLIMIT_AS, (base + 2 * size + 2 * model_bytes + 64 * mib, hard))
@@ -224,17 +230,30 @@ def test_memory_is_bounded_by_the_file_and_the_model(good, tmp_path):
     recs[0] = dataclasses.replace(recs[0], shape=(1 << 14, 1 << 14, 1, 1), nbytes=(1 << 28) // 5 + 1)
     big_layer, big_arch, sparse = tmp_path / "big_layer.dfmpc", tmp_path / "big_arch.dfmpc", tmp_path / "sparse"
     big_layer.write_bytes(join(dataclasses.replace(h, records=tuple(recs)), payload))
-    big_arch.write_bytes(join(dataclasses.replace(h, arch="resnet152"), payload))
+    # a consistent 130 KB file claiming a layer of 2^27 weights (a valid deflate stream at deflate's maximum ratio)
+    # with one scale for all its channels: inspect, which has no architecture to bound it, must stay bounded
+    claim = tmp_path / "claim.dfmpc"
+    n, z = 1 << 27, zlib.compressobj(9, zlib.DEFLATED, -15)
+    stream = b"".join([z.compress(bytes(1 << 20)) for _ in range(n >> 20)] + [z.flush()])
+    recs = list(h.records)
+    recs[6] = dataclasses.replace(recs[6], shape=(n, 1, 1, 1), layout=CodeLayout.KBIT_DEFLATE, nbytes=len(stream),
+                                  scale_once=True, in_scale=False, in_scale_once=False)
+    ch = dataclasses.replace(h, records=tuple(recs))
+    t_len, s_len, _ = ch.section_nbytes
+    old_codes = payload[len(payload) - sum(r.nbytes for r in h.layers):]
+    codes = old_codes[:h.records[0].nbytes] + stream + old_codes[-h.records[12].nbytes:]
+    claim.write_bytes(join(ch, payload[:t_len] + struct.pack("<f", 1.0) * (s_len // 4) + codes))
     with open(sparse, "wb") as fh:
         fh.truncate(2 << 30)
     env = {**os.environ, "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
     signal.alarm(0)
-    r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(legit), str(good), str(model_bytes),
+    r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(legit), str(good), str(model_bytes), str(claim),
                         str(big_layer), str(big_arch), str(sparse)], capture_output=True, text=True, timeout=300,
                        cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.splitlines()[-1])
     assert len(out["refused"]) == 3, out
+    assert out["claim_ok"], out
     assert out["inspect_ok"] and out["loaded_layers"] == len(mp.layers)
     assert "not enough memory" in out.get("tight", ""), out
