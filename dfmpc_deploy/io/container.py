@@ -1,7 +1,8 @@
 """The packed model file (``.dfmpc``, format version 2): write, read back bit-exactly, inspect.
 
 A ``.dfmpc`` file holds a model's integer codes bit-packed (``layouts.py``), its float32 scales and every other
-state-dict tensor unchanged, behind a compact binary header (``header.py``) with a SHA-256 per section::
+state-dict tensor unchanged, behind a compact binary header (``header.py``) with a SHA-256 per section; the bounded
+reader is ``reader.py``::
 
     preamble (16 B: magic "\\x89DFMPC\\r\\n", version 2, flags, header length) | header | SHA-256 of both (32 B)
     | tensors section | scales section | codes section
@@ -21,13 +22,11 @@ zero padding, scales and float tensors finite, BatchNorm variances not negative)
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import logging
 import os
-import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,152 +36,25 @@ from torch import nn
 from ..core.state import MixedPrecisionModel, QuantLayer
 from ..errors import BadFileError, DfmpcError
 from .atomic import atomic_write_with
-from .header import (
-    DIGEST_BYTES,
-    FORMAT_VERSION,
-    MAGIC,
-    PREAMBLE_BYTES,
-    SECTIONS,
-    Header,
-    LayerRecord,
-    TensorRecord,
-    encode_header,
-    parse_header,
-    parse_preamble,
-    printable,
-)
+from .header import FORMAT_VERSION, MAGIC, SECTIONS, Header, LayerRecord, TensorRecord, encode_header, printable
 from .layouts import CodeLayout, decode_codes, iter_codes
-from .plan import check_finite, check_layer_scales, check_variance, plan_file, torch_dtype
+from .plan import plan_file, torch_dtype
+from .reader import (
+    REPACK,
+    PackedFile,
+    bad_sections,
+    check_layer,
+    check_tensor,
+    layer_scales,
+    tensor_from_bytes,
+    walk,
+)
 from .sizes import FP32_RULE, avg_code_bits, code_nbytes, fp32_nbytes, packed_nbytes, size_report
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "FP32_RULE", "CodeLayout", "InspectResult", "save_packed", "load_packed",
            "inspect_packed", "packed_size_report", "packed_nbytes", "code_nbytes", "fp32_nbytes", "avg_code_bits"]
 
 log = logging.getLogger("dfmpc_deploy")
-
-_REPACK = "; the file is corrupt: re-pack the model"
-
-
-# ---------------------------------------------------------------------------------------------------- reading
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-class _PackedFile:
-    """An open ``.dfmpc`` file whose header has been read and validated (context manager; closes the descriptor)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.source = printable(str(path), 200)
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
-            self.fd = os.open(path, flags)
-        except (OSError, ValueError) as err:
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-            raise BadFileError(f"cannot read packed model '{self.source}': {reason}") from None
-        try:
-            st = os.fstat(self.fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise BadFileError(f"{self.source} is {_kind(st.st_mode)}, not a regular file; give the path of a "
-                                   f".dfmpc file")
-            self.size = st.st_size
-            head = self._read(min(PREAMBLE_BYTES, self.size))
-            n = parse_preamble(head, self.size, self.source)
-            self.header: Header = parse_header(head + self._read(n + DIGEST_BYTES), self.size, self.source)
-            self.offset = PREAMBLE_BYTES + n + DIGEST_BYTES
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def _read(self, n: int) -> bytes:
-        return bytes(self._read_into(bytearray(n)))
-
-    def _read_into(self, buf: bytearray) -> bytearray:
-        view, pos = memoryview(buf), 0
-        while pos < len(buf):
-            try:
-                got = os.readv(self.fd, [view[pos:]])
-            except OSError as err:
-                raise BadFileError(f"cannot read packed model '{self.source}': {err.strerror or err}") from None
-            if got == 0:
-                raise BadFileError(f"{self.source}: truncated while being read ({pos} of {len(buf)} bytes)")
-            pos += got
-        return buf
-
-    def read_payload(self) -> memoryview:
-        """The three sections, read exactly (the header has already matched them to the file size)."""
-        buf = self._read_into(bytearray(self.size - self.offset))
-        try:
-            extra = os.read(self.fd, 1)
-        except OSError as err:
-            raise BadFileError(f"cannot read packed model '{self.source}': {err.strerror or err}") from None
-        if extra:
-            raise BadFileError(f"{self.source}: the file grew while being read; read it again when it is complete")
-        return memoryview(buf)
-
-    def __enter__(self) -> _PackedFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)
-
-
-def _walk(h: Header, payload: memoryview) -> Iterator[tuple[TensorRecord | LayerRecord, memoryview, memoryview,
-                                                           memoryview | None]]:
-    """Each record with its bytes: (record, tensor bytes or codes, scale bytes, in_scale bytes)."""
-    t_len, s_len, _ = h.section_nbytes
-    tpos, spos, cpos = 0, t_len, t_len + s_len
-    for r in h.records:
-        if isinstance(r, TensorRecord):
-            yield r, payload[tpos:tpos + r.nbytes], payload[0:0], None
-            tpos += r.nbytes
-            continue
-        sc = payload[spos:spos + 4 * r.scale_count]
-        spos += 4 * r.scale_count
-        ins = payload[spos:spos + 4 * r.in_scale_count] if r.in_scale else None
-        spos += 4 * r.in_scale_count
-        yield r, payload[cpos:cpos + r.nbytes], sc, ins
-        cpos += r.nbytes
-
-
-def _bad_sections(h: Header, payload: memoryview) -> list[str]:
-    sizes = h.section_nbytes
-    starts = [0, sizes[0], sizes[0] + sizes[1]]
-    return [name for name, start, size, digest in zip(SECTIONS, starts, sizes, h.digests)
-            if hashlib.sha256(payload[start:start + size]).digest() != digest]
-
-
-def _tensor(dtype: str, shape: tuple[int, ...], data: memoryview) -> torch.Tensor:
-    if not len(data):
-        return torch.empty(shape, dtype=torch_dtype(dtype))
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(torch_dtype(dtype)).reshape(shape)
-
-
-def _scales(r: LayerRecord, sc: memoryview, ins: memoryview | None,
-            expand: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's scale (and in_scale) as stored, or with ``expand`` one per channel (only once the shape has been
-    checked against the architecture: a scale stored once could otherwise claim any number of channels)."""
-    scale = _tensor("F32", (r.scale_count,), sc)
-    in_scale = None if ins is None else _tensor("F32", (r.in_scale_count,), ins)
-    if not expand:
-        return scale, in_scale
-    return scale.expand(r.shape[0]).clone(), None if in_scale is None else in_scale.expand(r.shape[1]).clone()
-
-
-def _check_layer(r: LayerRecord, scale: torch.Tensor, in_scale: torch.Tensor | None,
-                 codes_all_zero: Callable[[], bool], where: str) -> None:
-    check_layer_scales(r.bits, scale, in_scale, codes_all_zero, f"{where}layer '{printable(r.fqn)}'", BadFileError)
-
-
-def _check_tensor(r: TensorRecord, t: torch.Tensor, where: str) -> None:
-    check_finite(t, f"{where}'{printable(r.name)}'", BadFileError)
-    check_variance(r.name, t, f"{where}'{printable(r.name)}'", BadFileError)
-
 
 # ---------------------------------------------------------------------------------------------------- writing
 
@@ -328,16 +200,16 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None, *,
             given, or there is not enough memory for the model.
     """
     t0 = time.perf_counter()
-    with _PackedFile(path) as f:
+    with PackedFile(path) as f:
         h, source = f.header, f.source
         log.info("Loading packed model %s (%s, %d layers)", source, printable(h.arch), len(h.layers))
         build = skeleton if skeleton is not None or model is not None else _zoo_skeleton(h.arch, source)
         module = _skeleton(h, model, build)
         _check_fits(h, module, source)
         payload = f.read_payload()
-    bad = _bad_sections(h, payload)
+    bad = bad_sections(h, payload)
     if bad:
-        raise BadFileError(f"{source}: checksum mismatch in the {' and '.join(bad)} section(s){_REPACK}")
+        raise BadFileError(f"{source}: checksum mismatch in the {' and '.join(bad)} section(s){REPACK}")
     try:
         module, layers = _build(h, payload, module, model, build, source)
     except (MemoryError, RuntimeError) as err:  # torch reports a failed CPU allocation as a RuntimeError
@@ -360,17 +232,17 @@ def _build(h: Header, payload: memoryview, module: nn.Module, model: nn.Module |
            build: Callable[[str], nn.Module] | None, source: str) -> tuple[nn.Module, dict[str, QuantLayer]]:
     """Decode and check every payload, then give ``module`` (on the meta device) the decoded tensors."""
     layers, state = {}, {}
-    for r, data, sc, ins in _walk(h, payload):
+    for r, data, sc, ins in walk(h, payload):
         if isinstance(r, TensorRecord):
-            state[r.name] = _tensor(r.dtype, r.shape, data)
-            _check_tensor(r, state[r.name], f"{source}: ")
+            state[r.name] = tensor_from_bytes(r.dtype, r.shape, data)
+            check_tensor(r, state[r.name], f"{source}: ")
             continue
         try:
             codes = torch.from_numpy(decode_codes(r.layout, r.bits, data, r.numel).reshape(r.shape))
         except ValueError as err:
-            raise BadFileError(f"{source}: layer '{printable(r.fqn)}': {err}{_REPACK}") from None
-        scale, in_scale = _scales(r, sc, ins)
-        _check_layer(r, scale, in_scale, _all_zero(codes), f"{source}: ")
+            raise BadFileError(f"{source}: layer '{printable(r.fqn)}': {err}{REPACK}") from None
+        check_layer(r, *layer_scales(r, sc, ins, expand=False), _all_zero(codes), f"{source}: ")  # as stored
+        scale, in_scale = layer_scales(r, sc, ins)
         partner = None if r.partner is None else h.records[r.partner].name[: -len(".weight")]
         q = QuantLayer(r.fqn, r.kind, r.role, r.bits, codes, scale, in_scale=in_scale, partner=partner)
         layers[r.fqn] = q
@@ -400,7 +272,7 @@ def packed_size_report(mp: MixedPrecisionModel | None, path: str | os.PathLike) 
         + ``scales`` + ``float_tensors`` + ``metadata``, ``weights``, ``theoretical``, ``theoretical_min``,
         ``compression`` and ``bits_per_weight*``.
     """
-    with _PackedFile(path) as f:
+    with PackedFile(path) as f:
         return size_report(f.header, fp32_nbytes(mp.module) if mp is not None else None)
 
 
@@ -430,8 +302,8 @@ def _layer_status(r: LayerRecord, data: memoryview, sc: memoryview, ins: memoryv
         nonzero = False
         for c in iter_codes(r.layout, r.bits, data, r.numel):
             nonzero = nonzero or bool(c.any())
-        scale, in_scale = _scales(r, sc, ins, expand=False)  # no architecture here to bound the channel count
-        _check_layer(r, scale, in_scale, lambda: not nonzero, "")
+        scale, in_scale = layer_scales(r, sc, ins, expand=False)  # no architecture here to bound the channel count
+        check_layer(r, scale, in_scale, lambda: not nonzero, "")
     except (ValueError, BadFileError) as err:
         return str(err)
     return None
@@ -448,20 +320,20 @@ def inspect_packed(path: str | os.PathLike) -> InspectResult:
     Raises:
         BadFileError: the file cannot be parsed (see :func:`load_packed`).
     """
-    with _PackedFile(path) as f:
+    with PackedFile(path) as f:
         h, source = f.header, f.source
         payload = f.read_payload()
     rep = size_report(h)
-    bad_sections = _bad_sections(h, payload)
-    problems = [f"{name} section: checksum mismatch{_REPACK}" for name in bad_sections]
+    bad = bad_sections(h, payload)
+    problems = [f"{name} section: checksum mismatch{REPACK}" for name in bad]
     lines = [f"{source}: .dfmpc v{FORMAT_VERSION}, arch {printable(h.arch)}, estimator: {printable(h.estimator)}",
              f"{'#':>4}  {'layer':<40} {'role':<17} {'bits':>4} {'layout':<21} {'shape':<16} {'weights':>10} "
              f"{'bytes':>9} {'bits/w':>6}  status"]
     tensor_bad, row = 0, 0
-    for r, data, sc, ins in _walk(h, payload):
+    for r, data, sc, ins in walk(h, payload):
         if isinstance(r, TensorRecord):
             try:
-                _check_tensor(r, _tensor(r.dtype, r.shape, data), "")
+                check_tensor(r, tensor_from_bytes(r.dtype, r.shape, data), "")
             except BadFileError as err:
                 problems.append(str(err))
                 tensor_bad += 1
@@ -480,8 +352,8 @@ def inspect_packed(path: str | os.PathLike) -> InspectResult:
               f"scales {rep['scales']:,}, float tensors {rep['float_tensors']:,}, metadata {rep['metadata']:,}",
               f"bits/weight: {rep['bits_per_weight']:.3f} effective, {rep['bits_per_weight_theoretical']:.3f} nominal, "
               f"{rep['bits_per_weight_min']:.3f} minimum (ternary at log2 3); {rep['weights']:,} weights",
-              "checksums: header ok, " + (f"all {len(SECTIONS)} payloads ok" if not bad_sections else
-                                          f"payload(s) BAD: {', '.join(bad_sections)}")]
+              "checksums: header ok, " + (f"all {len(SECTIONS)} payloads ok" if not bad else
+                                          f"payload(s) BAD: {', '.join(bad)}")]
     lines.append("verdict: ok" if not problems else f"verdict: BAD, {len(problems)} problem(s):")
     lines += [f"  - {p}" for p in problems]
     return InspectResult("\n".join(lines), not problems, tuple(problems), rep)

@@ -191,7 +191,7 @@ def _set_tensor(key: str, value: float, index: int = 0):
 CONTENT_CASES = {
     "invalid trit byte": (_set_codes(lambda b, c, r: b.__setitem__(c, 250)), "250 > 242"),
     "non-zero padding": (_set_codes(lambda b, c, r: b.__setitem__(c + r.nbytes - 1, 242)), "padding"),
-    "NaN scale": (_set_f32("scale", math.nan), "the scale holds 8 non-finite"),  # stored once, for 8 channels
+    "NaN scale": (_set_f32("scale", math.nan), "the scale holds 1 non-finite"),  # stored once, for 8 channels
     "Inf in_scale": (_set_f32("in_scale", math.inf), "the in_scale holds 1 non-finite"),
     "zero scales, non-zero codes": (_set_f32("scale", 0.0), "every scale is 0 but the codes are not all zero"),
     "huge scale": (_set_f32("scale", 1e38), "make weights up to [0-9.]+e\\+39, beyond float32"),
