@@ -36,7 +36,7 @@ from .layouts import COMPRESSED_LAYOUTS, DEFLATE_MAX_RATIO, MAX_ELEMENTS, CodeLa
 __all__ = ["MAGIC", "FORMAT_VERSION", "PREAMBLE_BYTES", "DIGEST_BYTES", "MAX_HEADER_BYTES", "MAX_RECORDS",
            "MAX_NAME_BYTES", "MAX_ARCH_BYTES", "MAX_ESTIMATOR_BYTES", "MAX_DIMS", "DTYPES", "LAYOUT_CODES",
            "ROLE_CODES", "KINDS", "TensorRecord", "LayerRecord", "Header", "record_nbytes", "header_nbytes",
-           "encode_header", "parse_preamble", "parse_header", "printable"]
+           "encode_header", "parse_preamble", "parse_header", "layer_shape_ok", "printable"]
 
 MAGIC = b"\x89DFMPC\r\n"
 FORMAT_VERSION = 2
@@ -140,6 +140,11 @@ class Header:
     @property
     def tensors(self) -> list[TensorRecord]:
         return [r for r in self.records if isinstance(r, TensorRecord)]
+
+
+def layer_shape_ok(kind: str, shape: tuple[int, ...]) -> bool:
+    """A quantized weight's shape: 2-D for linear, 3- to 5-D for conv, every dimension >= 1."""
+    return (len(shape) == 2 if kind == "linear" else 3 <= len(shape) <= 5) and min(shape) >= 1
 
 
 def printable(text: str, limit: int = 80) -> str:
@@ -385,7 +390,7 @@ def parse_header(blob: bytes, file_size: int, source: str) -> Header:
             raise fail(f"layer '{printable(name)}': partner record {partner} does not exist")
         shape = _shape(src, name, 1, fail)
         kind = KINDS[tag]
-        if not (len(shape) == 2 if kind == "linear" else 3 <= len(shape) <= 5):
+        if not layer_shape_ok(kind, shape):
             raise fail(f"layer '{printable(name)}': a {kind} weight cannot have shape {list(shape)}")
         if flags & _FLAG_IN_SCALE and len(shape) < 2:
             raise fail(f"layer '{printable(name)}': in_scale on a 1-D weight")

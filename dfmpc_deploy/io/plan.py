@@ -25,6 +25,7 @@ from .header import (
     LayerRecord,
     TensorRecord,
     header_nbytes,
+    layer_shape_ok,
     printable,
 )
 from .layouts import MAX_ELEMENTS, CodeLayout, encode_codes, layout_nbytes
@@ -104,6 +105,14 @@ def check_layer_scales(bits: int, scale: torch.Tensor, in_scale: torch.Tensor | 
 _MAX_WEIGHT = float(torch.finfo(torch.float32).max) / 2
 
 
+def _utf8_len(text: str) -> int:
+    """Bytes of ``text`` in UTF-8; text that has none (lone surrogates) is refused in one line."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise DfmpcError(f"{printable(text)!r} is not valid Unicode text; rename it") from None
+
+
 def _sha256(pieces: list[bytes]) -> bytes:
     h = hashlib.sha256()
     for b in pieces:
@@ -138,8 +147,9 @@ def _layer_record(q: QuantLayer, key: str, index: dict[str, int], ternary_layout
     if q.partner is not None and q.partner not in index:
         raise DfmpcError(f"layer '{printable(q.fqn)}': partner {printable(str(q.partner))!r} is not a quantized "
                          f"layer of the model")
-    if not 1 <= len(shape) <= MAX_DIMS or math.prod(shape) > MAX_ELEMENTS or max(shape) >= 1 << 32:
-        raise DfmpcError(f"layer '{printable(q.fqn)}': weight shape {list(shape)} is beyond the format's limits")
+    if not q.fqn or not layer_shape_ok(q.kind, shape) or math.prod(shape) > MAX_ELEMENTS or max(shape) >= 1 << 32:
+        raise DfmpcError(f"layer '{printable(q.fqn)}': a {q.kind} weight of shape {list(shape)} is beyond the "
+                         f"format's limits (2-D linear or 3- to 5-D conv, no empty dimension, < 2^31 weights)")
     scale_once, in_once = uniform(q.scale), q.in_scale is not None and uniform(q.in_scale)
     data, pieces = None, []
     if payload or compress:
@@ -190,13 +200,13 @@ def plan_file(mp: MixedPrecisionModel, ternary_layout: CodeLayout = CodeLayout.T
     position = {k: i for i, k in enumerate(sd)}
     index = {fqn: position[k] for k, fqn in keys.items()}  # partner -> its record number
     arch, est = str(mp.arch), str(mp.estimator or "")
-    if not 1 <= len(arch.encode("utf-8")) <= MAX_ARCH_BYTES or len(est.encode("utf-8")) > MAX_ESTIMATOR_BYTES:
+    if not 1 <= _utf8_len(arch) <= MAX_ARCH_BYTES or _utf8_len(est) > MAX_ESTIMATOR_BYTES:
         raise DfmpcError(f"arch name {printable(arch)!r} must be 1..{MAX_ARCH_BYTES} bytes and the estimator label "
                          f"at most {MAX_ESTIMATOR_BYTES} bytes of UTF-8")
     plan = Plan(Header(arch, est, ()), 0)
     records: list = []
     for key, t in sd.items():
-        if len(key.encode("utf-8")) > MAX_NAME_BYTES:
+        if _utf8_len(key) > MAX_NAME_BYTES:
             raise DfmpcError(f"state-dict key {printable(key)!r} is longer than {MAX_NAME_BYTES} bytes of UTF-8, "
                              f"which the format cannot store; rename the module")
         if key in keys:

@@ -363,6 +363,15 @@ def test_writer_refuses_what_the_format_cannot_hold(tiny_mp, tmp_path):
     net.add_module("m" * 300, torch.nn.Linear(2, 2))
     with pytest.raises(DfmpcError, match="longer than 255 bytes"):
         save_packed(dataclasses.replace(tiny_mp, module=net, layers={}), tmp_path / "m.dfmpc")
+    net = torch.nn.Sequential()
+    net.add_module("a\ud800", torch.nn.Linear(2, 2))  # a lone surrogate has no UTF-8
+    with pytest.raises(DfmpcError, match="not valid Unicode text"):
+        save_packed(dataclasses.replace(tiny_mp, module=net, layers={}), tmp_path / "m.dfmpc")
+    flat = dict(tiny_mp.layers)
+    q = flat["8"]
+    flat["8"] = dataclasses.replace(q, kind="conv")  # a 2-D conv weight would not be readable
+    with pytest.raises(DfmpcError, match="a conv weight of shape \\[5, 8\\] is beyond the format's limits"):
+        save_packed(dataclasses.replace(tiny_mp, layers=flat), tmp_path / "m.dfmpc")
     assert list(tmp_path.iterdir()) == []
 
 
