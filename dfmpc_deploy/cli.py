@@ -109,8 +109,19 @@ def _add_inspect(sub) -> None:
 
 
 def _cmd_inspect(args) -> int:
+    """Print the check of every byte of the file; exit 1 if anything is bad. A reader that closes the pipe early
+    (``inspect ... | head -1``) ends the output quietly; the exit status still says whether the file is valid."""
+    import os
+
+    from .errors import BadFileError
     from .io.container import inspect_packed
-    print(inspect_packed(args.file))
+    result = inspect_packed(args.file)
+    try:
+        print(result.text, flush=True)
+    except BrokenPipeError:  # silence the interpreter's own flush of the closed stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if not result.ok:
+        raise BadFileError(f"{args.file}: {len(result.problems)} problem(s), the first: {result.problems[0]}")
     return 0
 
 

@@ -64,7 +64,8 @@ def main() -> None:
                          "avg_code_bits": round(avg, 4), "bits_histogram": {str(b): n for b, n in sorted(hist.items())},
                          **acc, "wall_seconds": round(wall, 1)})
             lines.append(f"| {key} | {label} | {packed} | {avg:.2f} | "
-                         f"{', '.join(f'{b}b:{n}' for b, n in sorted(hist.items()))} | {acc['top1']:.2f} | {wall:.1f} |")
+                         f"{', '.join(f'{b}b:{n}' for b, n in sorted(hist.items()))} | {acc['top1']:.2f} | "
+                         f"{wall:.1f} |")
             print(lines[-1], flush=True)
         out["models"][key] = {"model": name, "fixed_pairing_bytes": fixed_size, "rows": rows}
     atomic_write_json(args.out, out)

@@ -13,7 +13,8 @@ R20_WEIGHTS = SHARED_DATA / "weights" / "akamaster_cifar10" / "resnet20-12fca82f
 R56_WEIGHTS = SHARED_DATA / "weights" / "akamaster_cifar10" / "resnet56-4bfd9763.th"
 CIFAR_TEST = SHARED_DATA / "cifar10-test-jpg" / "test"
 
-needs_shared = pytest.mark.skipif(not R20_WEIGHTS.is_file(), reason="../shared/data (real weights/test set) not present")
+needs_shared = pytest.mark.skipif(not R20_WEIGHTS.is_file(),
+                                  reason="../shared/data (real weights/test set) not present")
 
 
 class TinyNet(nn.Module):

@@ -159,7 +159,8 @@ def test_console_script_runs_without_extras():
 
 
 def test_import_is_lean():
-    code = "import sys, dfmpc_deploy; bad = [m for m in ('onnxruntime', 'tensorrt', 'tensorrt_rtx', 'pytorchcv', 'torchvision') if m in sys.modules]; print(bad)"
+    code = ("import sys, dfmpc_deploy; bad = [m for m in ('onnxruntime', 'tensorrt', 'tensorrt_rtx', 'pytorchcv', "
+            "'torchvision') if m in sys.modules]; print(bad)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
 

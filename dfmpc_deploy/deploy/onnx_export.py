@@ -6,18 +6,14 @@ BatchNorm2d that directly follows a Conv2d is folded into it (``W' = W gamma/sig
 gamma/sigma``); since that is a per-output-channel factor, a folded quantized weight is still ``codes * scale'`` with
 integer codes. Variants:
 
-``fp32``
-    The dequantised model as FP32 initializers.
-``fp16``
-    ``fp32`` with every float tensor in FP16; graph input and output stay FP32 (a Cast at each end).
-``wdq``
-    Each quantized Conv/Gemm weight is an INT8 initializer (the integer codes, sign-flipped per channel where the
-    folded scale is negative) followed by ``DequantizeLinear`` with a per-output-channel FP32 scale, zero-point 0,
-    ``axis=0`` (symmetric, the form TensorRT accepts). ``int4=True`` stores layers whose codes fit [-8, 7] (ternary,
-    3-bit) as INT4 (opset >= 21; wdq only, see :func:`export_onnx`). 8-bit DoReFa codes (odd integers up to +-255)
-    do not fit INT8: those layers are requantised to symmetric per-channel INT8 and a note says so. A compensation ``in_scale`` (DF-MPC Eq. 7, only
-    after non-homogeneous activations such as ReLU6) is a ``Mul`` by a (1, C, 1, 1) constant on the activation in front
-    of the layer, so the weight stays integer.
+``fp32`` The dequantised model as FP32 initializers. ``fp16`` ``fp32`` with every float tensor in FP16; graph input
+and output stay FP32 (a Cast at each end). ``wdq`` Each quantized Conv/Gemm weight is an INT8 initializer (the integer
+codes, sign-flipped per channel where the folded scale is negative) followed by ``DequantizeLinear`` with a
+per-output-channel FP32 scale, zero-point 0, ``axis=0`` (symmetric, the form TensorRT accepts). ``int4=True`` stores
+layers whose codes fit [-8, 7] (ternary, 3-bit) as INT4 (opset >= 21; wdq only, see :func:`export_onnx`). 8-bit DoReFa
+codes (odd integers up to +-255) do not fit INT8: those layers are requantised to symmetric per-channel INT8 and a
+note says so. A compensation ``in_scale`` (DF-MPC Eq. 7, only after non-homogeneous activations such as ReLU6) is a
+``Mul`` by a (1, C, 1, 1) constant on the activation in front of the layer, so the weight stays integer.
 ``w8a8``
     ``wdq`` plus a ``QuantizeLinear -> DequantizeLinear`` pair (per-tensor symmetric INT8, zero-point 0) on the input
     of every quantized Conv/Gemm (after the ``in_scale`` Mul), with data-free ranges from
@@ -310,7 +306,7 @@ def export_onnx(mp: MixedPrecisionModel, path, input_shape: tuple[int, int, int]
 
     Example::
 
-        >>> mp = compensate(net, QuantConfig(recal="none"), (3, 16, 16))
+        >>> mp = compensate(net, (3, 16, 16), recal="none", rounding="nearest")
         >>> export_onnx(mp, tmp_path / "m.onnx", (3, 16, 16), "w8a8")
         PosixPath('.../m.onnx')
     """

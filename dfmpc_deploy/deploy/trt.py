@@ -5,14 +5,14 @@ Backend: ``tensorrt`` when importable (full TensorRT: needs a GPU to build), els
 :class:`~dfmpc_deploy.errors.MissingDependencyError`; callers keep the ONNX files in that case.
 
 Networks are created with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``: precisions come from the ONNX (INT8/INT4
-weight DQ, INT8 activation Q/DQ, FP16 tensors), no precision flags. One optimisation profile covers batch
-1..max_batch (opt = max_batch). ``strip_weights=True`` asks for a weight-stripped plan (``STRIP_PLAN`` +
-``REFIT_IDENTICAL``, refit at load time from the ONNX); TensorRT-RTX 1.7.1 cannot build those without a GPU (Myelin ``graph_jit.cpp`` CUDA check), in
-which case the full plan is built and the :class:`EngineArtifact` notes say why.
+weight DQ, INT8 activation Q/DQ, FP16 tensors), no precision flags. One optimisation profile covers batch 1..max_batch
+(opt = max_batch). ``strip_weights=True`` asks for a weight-stripped plan (``STRIP_PLAN`` + ``REFIT_IDENTICAL``, refit
+at load time from the ONNX); TensorRT-RTX 1.7.1 cannot build those without a GPU (Myelin ``graph_jit.cpp`` CUDA
+check), in which case the full plan is built and the :class:`EngineArtifact` notes say why.
 
 Timing (:func:`cuda_latency_ms`, used by :class:`TrtRunner` and the torch-cuda target) follows trtexec: warm-up
->= 200 ms, then >= 10 iterations and >= 3 s, a CUDA event pair around each launch on one stream, optional CUDA graph replay, no
-host<->device copies in the timed region; p50/p90/p99/mean in ms.
+>= 200 ms, then >= 10 iterations and >= 3 s, a CUDA event pair around each launch on one stream, optional CUDA graph
+replay, no host<->device copies in the timed region; p50/p90/p99/mean in ms.
 """
 from __future__ import annotations
 

@@ -1,29 +1,46 @@
-"""Code layouts of the packed file (pure numpy, no torch state): how each layer's integer codes become bytes.
+"""Code layouts of the ``.dfmpc`` file (pure numpy): how one layer's integer codes become bytes and back.
 
-* ``ternary-base3``: 5 ternary codes per byte (``sum (c_i + 1) 3^i``, 1.6 bits/weight), the default.
-* ``ternary-2bit``: 4 codes per byte (``c + 1`` in 2 bits), the simpler alternative.
-* ``kbit``: k-bit unsigned values (``(q + 2^k - 1) / 2`` for the odd DoReFa codes ``q``), 8 per k bytes, little-endian.
-* ``*-deflate``: the base-3 bytes / one byte per k-bit value, Huffman-coded by raw deflate (``--compress``), decoded
-  with a bound on the output size.
+Every layout is little-endian: element 0 takes the lowest-order bits of byte 0, and a partial last group is padded
+with zeros (a reader rejects non-zero padding). Codes are flattened in C order.
 
-pack.py (the container) documents the file format; these functions are its only codecs.
+* ``ternary-base3`` (default for ternary, 1.6 bits/weight): code c in {-1, 0, +1} -> trit t = c + 1; five trits per
+  byte, ``b = t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4`` (0..242; 243..255 are invalid). Codes ``[1, -1, 0, 0, 1, -1, 1]``
+  -> t = [2, 0, 1, 1, 2 | 0, 2] -> ``b0 = 2 + 0 + 9 + 27 + 162 = 200 (0xC8)``, ``b1 = 0 + 3*2 = 6 (0x06)``.
+* ``ternary-2bit`` (2 bits/weight): t = c + 1 in bits ``2(i%4) .. 2(i%4)+1`` of byte ``i//4`` (t = 3 is invalid).
+  Same codes -> ``b0 = 2 | 0<<2 | 1<<4 | 1<<6 = 0x52``, ``b1 = 2 | 0<<2 | 2<<4 = 0x22``.
+* ``kbit`` (DoReFa, 3 <= k <= 8): odd code q in [-(2^k-1), 2^k-1] -> m = (q + 2^k - 1) / 2 in [0, 2^k-1]; m_i fills
+  bits ``i*k .. i*k+k-1`` of the bit stream (stream bit s is bit ``s % 8`` of byte ``s // 8``), least significant bit
+  first; 8 values take k bytes, e.g. 6-bit: 4 values -> 3 bytes. ``m = [1, 2, 3, 63]``, k = 6:
+  ``b0 = m0 | (m1 & 3) << 6 = 0x81``, ``b1 = m1 >> 2 | (m2 & 15) << 4 = 0x30``, ``b2 = m2 >> 4 | m3 << 2 = 0xFC``.
+* ``ternary-base3-deflate`` / ``kbit-deflate`` (opt-in ``compress=True``): the ``ternary-base3`` bytes / one byte
+  per k-bit value m, as one raw deflate stream (zlib wbits -15, level 9, memLevel 9, Huffman only: near the codes'
+  order-0 entropy, and fast). Used only where it is smaller than the dense layout. A reader inflates in bounded
+  chunks, never past the expected length + 1, and requires exactly that length, the end of the stream and nothing
+  after it; no stream may claim more than :data:`DEFLATE_MAX_RATIO` output bytes per input byte.
+
+``docs/FORMAT.md`` has the whole file format; the container (``container.py``) calls only the public functions here.
 """
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from enum import Enum
 
 import numpy as np
 import torch
 
-__all__ = ["CodeLayout", "COMPRESSED_LAYOUTS", "pack_ternary_base3", "unpack_ternary_base3", "pack_ternary2",
-           "unpack_ternary2", "pack_kbit", "unpack_kbit", "code_nbytes"]
+__all__ = ["CodeLayout", "COMPRESSED_LAYOUTS", "DEFLATE_MAX_RATIO", "MAX_ELEMENTS", "layouts_for_bits",
+           "layout_nbytes", "code_nbytes", "pack_ternary_base3", "unpack_ternary_base3", "pack_ternary2",
+           "unpack_ternary2", "pack_kbit", "unpack_kbit", "deflate_bytes", "inflate_bytes", "encode_codes",
+           "iter_codes", "decode_codes"]
 
 MAX_ELEMENTS = 1 << 31  # per tensor
+DEFLATE_MAX_RATIO = 1032  # deflate cannot expand more than this (258-byte matches in ~2 bits); caps what we inflate
+CHUNK_BYTES = 1 << 20  # decoding works on at most this many payload bytes at a time
 
 
 class CodeLayout(str, Enum):
-    """How a layer's integer codes are laid out in its ``codes/<fqn>`` payload (module docstring)."""
+    """How a layer's integer codes are laid out in its code payload (module docstring)."""
 
     TERNARY_BASE3 = "ternary-base3"
     TERNARY_2BIT = "ternary-2bit"
@@ -33,14 +50,45 @@ class CodeLayout(str, Enum):
 
 
 COMPRESSED_LAYOUTS = (CodeLayout.TERNARY_DEFLATE, CodeLayout.KBIT_DEFLATE)
-DEFLATE_MAX_RATIO = 1032  # deflate cannot expand more than this (258-byte matches in ~2 bits); caps what we inflate
 
 
-# ---------------------------------------------------------------------------------------------- layouts (pure numpy)
+def layouts_for_bits(bits: int) -> tuple[CodeLayout, ...]:
+    """The layouts that can hold ``bits``-bit codes (2 = ternary)."""
+    if bits == 2:
+        return CodeLayout.TERNARY_BASE3, CodeLayout.TERNARY_2BIT, CodeLayout.TERNARY_DEFLATE
+    return CodeLayout.KBIT, CodeLayout.KBIT_DEFLATE
+
+
+def layout_nbytes(layout: CodeLayout | str, bits: int, n: int) -> int:
+    """Bytes of ``n`` codes in a dense layout: ``ceil(n/5)`` base-3, ``ceil(n/4)`` 2-bit, ``ceil(n*bits/8)`` kbit.
+
+    Raises:
+        ValueError: a compressed layout (its size depends on the data).
+    """
+    layout = CodeLayout(layout)
+    if layout == CodeLayout.TERNARY_BASE3:
+        return -(-n // 5)
+    if layout == CodeLayout.TERNARY_2BIT:
+        return -(-n // 4)
+    if layout == CodeLayout.KBIT:
+        return (n * bits + 7) // 8
+    raise ValueError(f"{layout.value}: the size of a compressed layout depends on the data")
+
+
+def code_nbytes(bits: int, n: int) -> int:
+    """Bytes of the dense code payload of ``n`` weights at ``bits`` (2 = ternary, base-3 layout)."""
+    return layout_nbytes(CodeLayout.TERNARY_BASE3 if bits == 2 else CodeLayout.KBIT, bits, n)
+
+
+# ---------------------------------------------------------------------------------------------- dense layouts
 
 _B3_POW = (1, 3, 9, 27, 81)
 _B3_LUT = (np.arange(243)[:, None] // np.array(_B3_POW) % 3 - 1).astype(np.int8)  # byte -> 5 codes
 _T2_LUT = (((np.arange(256)[:, None] >> np.array([0, 2, 4, 6])) & 3) - 1).astype(np.int8)  # byte -> 4 codes
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _ints(codes) -> np.ndarray:
@@ -62,12 +110,17 @@ def _groups(t: np.ndarray, per: int, dtype=np.uint8) -> np.ndarray:
     return out.reshape(-1, per)
 
 
-def _payload(data, n: int, nbytes: int, what: str) -> np.ndarray:
-    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_ELEMENTS:
-        raise ValueError(f"{what}: element count {n!r} must be an int in [0, {MAX_ELEMENTS}]")
+def _bytes(data, what: str) -> np.ndarray:
     d = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else np.asarray(data)
     if d.dtype != np.uint8 or d.ndim != 1:
         raise ValueError(f"{what}: payload must be a 1-D uint8 array, got {d.dtype} with shape {d.shape}")
+    return d
+
+
+def _payload(data, n: int, nbytes: int, what: str) -> np.ndarray:
+    if not _is_int(n) or not 0 <= n <= MAX_ELEMENTS:
+        raise ValueError(f"{what}: element count {n!r} must be an int in [0, {MAX_ELEMENTS}]")
+    d = _bytes(data, what)
     if d.size != nbytes:
         raise ValueError(f"{what}: {n} values need {nbytes} bytes, the payload has {d.size}")
     return d
@@ -172,7 +225,7 @@ def unpack_kbit(data, k: int, n: int) -> np.ndarray:
         ValueError: wrong payload length or non-zero padding bits.
     """
     k = _check_k(k)
-    nbytes = (n * k + 7) // 8 if isinstance(n, int) else -1
+    nbytes = (n * k + 7) // 8 if _is_int(n) else -1
     d = _payload(data, n, nbytes, f"{k}-bit")
     if (n * k) % 8 and d[-1] >> ((n * k) % 8):
         raise ValueError(f"{k}-bit: non-zero padding bits in the last byte")
@@ -189,41 +242,165 @@ def unpack_kbit(data, k: int, n: int) -> np.ndarray:
     return out.reshape(-1)[:n]
 
 
-def _deflate(data: bytes) -> bytes:
+# ---------------------------------------------------------------------------------------------- deflate
+
+def deflate_bytes(data: bytes) -> bytes:
     """Raw deflate, Huffman only (no string matching): fixed parameters, so the same bytes -> the same output."""
     z = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
     return z.compress(data) + z.flush()
 
 
-def _inflate(data, n: int, what: str) -> np.ndarray:
-    """Inverse of :func:`_deflate`, bounded: never produces more than n + 1 bytes whatever the payload says.
+def _inflate_chunks(data, n: int, what: str, chunk: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+    """Inflate a raw deflate stream that must hold exactly ``n`` bytes, ``chunk`` bytes of output at a time.
+
+    Never holds more than one chunk of output, whatever the stream claims.
+    """
+    if not _is_int(n) or not 1 <= n <= MAX_ELEMENTS:
+        raise ValueError(f"{what}: element count {n!r} must be an int in [1, {MAX_ELEMENTS}]")
+    z = zlib.decompressobj(-15)
+    pending, total = bytes(_bytes(data, what)), 0
+    while True:
+        try:
+            out = z.decompress(pending, min(chunk, n + 1 - total))  # max_length >= 1 (0 would mean unlimited)
+        except zlib.error as err:
+            raise ValueError(f"{what}: the compressed codes are corrupt ({err})") from None
+        pending, total = z.unconsumed_tail, total + len(out)
+        if total > n:
+            raise ValueError(f"{what}: the compressed codes decode to more than {n} bytes")
+        if out:
+            yield np.frombuffer(out, np.uint8)
+        if z.eof or not (out or pending):
+            break
+    if total != n or not z.eof or z.unused_data:
+        raise ValueError(f"{what}: the compressed codes do not decode to exactly {n} bytes "
+                         f"({'truncated' if not z.eof or total < n else 'trailing data'})")
+
+
+def inflate_bytes(data, n: int, what: str = "deflate") -> np.ndarray:
+    """Inverse of :func:`deflate_bytes`, bounded: never produces more than n + 1 bytes whatever the payload says.
 
     Raises:
         ValueError: not a raw deflate stream, or one that does not decode to exactly n bytes with nothing after it.
     """
-    if not _is_int(n) or not 1 <= n <= MAX_ELEMENTS:
-        raise ValueError(f"{what}: element count {n!r} must be an int in [1, {MAX_ELEMENTS}]")
-    d = zlib.decompressobj(-15)
-    try:
-        out = d.decompress(bytes(data), n + 1)  # max_length >= 1 (0 would mean unlimited)
-    except zlib.error as err:
-        raise ValueError(f"{what}: the compressed codes are corrupt ({err})") from None
-    if len(out) != n or not d.eof or d.unused_data or d.unconsumed_tail:
-        raise ValueError(f"{what}: the compressed codes do not decode to exactly {n} bytes "
-                         f"({'more' if len(out) > n else 'truncated' if not d.eof else 'trailing data'})")
-    return np.frombuffer(out, np.uint8)
+    out = np.empty(n if _is_int(n) and 0 <= n <= MAX_ELEMENTS else 0, np.uint8)
+    pos = 0
+    for c in _inflate_chunks(data, n, what):
+        out[pos:pos + c.size] = c
+        pos += c.size
+    return out
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+# ---------------------------------------------------------------------------------------------- codes <-> bytes
+
+def encode_codes(codes, bits: int, ternary_layout: CodeLayout | str = CodeLayout.TERNARY_BASE3,
+                 compress: bool = False) -> tuple[CodeLayout, np.ndarray]:
+    """Lay out one layer's integer codes.
+
+    Args:
+        codes: integer array/tensor, any shape: ternary codes in {-1, 0, 1} (``bits == 2``) or odd DoReFa codes in
+            ``[-(2^bits-1), 2^bits-1]``.
+        bits: 2 (ternary) .. 8.
+        ternary_layout: ``ternary-base3`` or ``ternary-2bit``, for ternary codes.
+        compress: try the deflate layout, and keep it only where it is smaller than the dense one.
+
+    Returns:
+        (layout, uint8 payload).
+
+    Raises:
+        ValueError: codes outside their range, or a bad layout/bit width.
+    """
+    ternary_layout = CodeLayout(ternary_layout)
+    layout: CodeLayout
+    if not _is_int(bits) or not 2 <= bits <= 8:
+        raise ValueError(f"bits {bits!r} must be an int in 2..8")
+    if bits == 2:
+        if ternary_layout not in (CodeLayout.TERNARY_BASE3, CodeLayout.TERNARY_2BIT):
+            raise ValueError(f"ternary_layout {ternary_layout.value!r}: choose 'ternary-base3' or 'ternary-2bit'")
+        base3 = pack_ternary_base3(codes)
+        layout, dense, raw = ternary_layout, base3, base3
+        if ternary_layout == CodeLayout.TERNARY_2BIT:
+            dense = pack_ternary2(codes)
+        comp = CodeLayout.TERNARY_DEFLATE
+    else:
+        c = _ints(codes)
+        top = (1 << bits) - 1
+        if c.size and (c.min() < -top or c.max() > top or not (c & 1).all()):  # & 1: odd, also when negative
+            raise ValueError(f"{bits}-bit codes must be odd integers in [-{top}, {top}]")
+        raw = ((c.astype(np.int16) + top) >> 1).astype(np.uint8)
+        layout, dense, comp = CodeLayout.KBIT, pack_kbit(raw, bits), CodeLayout.KBIT_DEFLATE
+    if compress and dense.size:
+        z = deflate_bytes(raw.tobytes())
+        if len(z) < dense.size:  # otherwise this layer stays dense
+            return comp, np.frombuffer(z, np.uint8)
+    return layout, dense
 
 
-def _nbytes(layout: str, bits: int, n: int) -> int:
-    if layout == CodeLayout.TERNARY_BASE3:
-        return -(-n // 5)
-    return -(-n // 4) if layout == CodeLayout.TERNARY_2BIT else (n * bits + 7) // 8
+def _check_layout(layout, bits: int, n: int) -> CodeLayout:
+    layout = CodeLayout(layout)
+    if layout not in layouts_for_bits(bits):
+        raise ValueError(f"layout {layout.value} cannot hold {bits}-bit codes")
+    if not _is_int(n) or not 0 <= n <= MAX_ELEMENTS:
+        raise ValueError(f"{layout.value}: element count {n!r} must be an int in [0, {MAX_ELEMENTS}]")
+    return layout
 
 
-def code_nbytes(bits: int, n: int) -> int:
-    """Bytes of the dense (uncompressed) code payload of ``n`` weights at ``bits`` (2 = ternary base-3 layout)."""
-    return _nbytes(CodeLayout.TERNARY_BASE3 if bits == 2 else CodeLayout.KBIT, bits, n)
+def iter_codes(layout: CodeLayout | str, bits: int, data, n: int,
+               chunk: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+    """Decode and validate a layer's payload piece by piece: yields consecutive runs of its ``n`` codes.
+
+    Ternary codes come as int8 in {-1, 0, 1}, k-bit codes as odd int16 in ``[-(2^k-1), 2^k-1]``. At most ``chunk``
+    payload bytes (or inflated bytes) are worked on at a time, so memory stays bounded whatever the payload claims.
+
+    Raises:
+        ValueError: wrong length, invalid values (a base-3 byte > 242, a 2-bit field of 3, an out-of-range k-bit
+            value), non-zero padding, or a corrupt/oversized/truncated deflate stream.
+    """
+    layout = _check_layout(layout, bits, n)
+    top = (1 << bits) - 1
+    if layout in COMPRESSED_LAYOUTS:
+        if n == 0:
+            raise ValueError(f"{layout.value}: an empty layer cannot be compressed")
+        raw = -(-n // 5) if bits == 2 else n
+        left = n
+        for piece in _inflate_chunks(data, raw, layout.value, chunk):
+            if bits == 2:
+                k = min(left, 5 * piece.size)
+                yield unpack_ternary_base3(piece, k)
+            else:
+                if piece.max() > top:
+                    raise ValueError(f"{layout.value}: value {int(piece.max())} does not fit in {bits} bits")
+                k = piece.size
+                yield piece.astype(np.int16) * 2 - top
+            left -= k
+        return
+    d = _payload(data, n, layout_nbytes(layout, bits, n), layout.value)
+    group, per = {CodeLayout.TERNARY_BASE3: (1, 5), CodeLayout.TERNARY_2BIT: (1, 4)}.get(layout, (bits, 8))
+    step = max(group, chunk // group * group)
+    left = n
+    for start in range(0, d.size, step):
+        piece = d[start:start + step]
+        k = min(left, piece.size // group * per) if start + step < d.size else left
+        if layout == CodeLayout.TERNARY_BASE3:
+            yield unpack_ternary_base3(piece, k)
+        elif layout == CodeLayout.TERNARY_2BIT:
+            yield unpack_ternary2(piece, k)
+        else:
+            yield unpack_kbit(piece, bits, k).astype(np.int16) * 2 - top
+        left -= k
+
+
+def decode_codes(layout: CodeLayout | str, bits: int, data, n: int) -> np.ndarray:
+    """All ``n`` codes of a payload (:func:`iter_codes`): int8 for ternary, int16 for k-bit, shape (n,).
+
+    Raises:
+        ValueError: as :func:`iter_codes`.
+    """
+    _check_layout(layout, bits, n)
+    out = np.empty(n, np.int8 if bits == 2 else np.int16)
+    pos = 0
+    for c in iter_codes(layout, bits, data, n):
+        out[pos:pos + c.size] = c
+        pos += c.size
+    if pos != n:  # cannot happen for a well-formed payload; guards the chunk arithmetic
+        raise ValueError(f"{CodeLayout(layout).value}: decoded {pos} codes, expected {n}")
+    return out

@@ -18,9 +18,9 @@ What runs, following the authors' trainer (xushoukai/GDFQ ``trainer.py`` and ``c
   weight and feeds back through the straight-through estimator.
 
 Where the budget differs from the paper (400 epochs x 200 iterations of batch 200 on a GPU): ``finetune_steps``
-iterations of batch ``batch`` on the CPU, and the student's learning rate is 1e-3 instead of 1e-4 with a cosine decay, because
-at 1e-4 a few hundred steps leave the weights where rounding put them. The wall time is measured and reported; the
-table in the README states the budget next to the accuracy.
+iterations of batch ``batch`` on the CPU, and the student's learning rate is 1e-3 instead of 1e-4 with a cosine decay,
+because at 1e-4 a few hundred steps leave the weights where rounding put them. The wall time is measured and reported;
+the table in the README states the budget next to the accuracy.
 """
 from __future__ import annotations
 

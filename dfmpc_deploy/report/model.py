@@ -170,7 +170,7 @@ class Pair(Section):
 
     @classmethod
     def from_link(cls, link: Any) -> Pair:
-        """From a :class:`dfmpc_deploy.core.pairing.Link` (anything with ``low``, ``high``, ``bn``, ``act``)."""
+        """From a :class:`dfmpc_deploy.core.graph.Link` (anything with ``low``, ``high``, ``bn``, ``act``)."""
         return cls(low=link.low, high=link.high, bn=link.bn, act=link.act)
 
 

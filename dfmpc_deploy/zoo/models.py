@@ -144,7 +144,8 @@ def load_state_dict_file(path: str | os.PathLike, unsafe_pickle: bool = False) -
     """
     p = Path(path)
     if not p.is_file():
-        raise DfmpcError(f"weights file '{p}' does not exist (pass a .pth/.th/.safetensors file, 'pretrained' or 'random')")
+        raise DfmpcError(f"weights file '{p}' does not exist (pass a .pth/.th/.safetensors file, 'pretrained' or "
+                         f"'random')")
     if p.suffix == ".safetensors":
         st = require("safetensors.torch", "models")
         try:
