@@ -88,7 +88,7 @@ def preprocess(img, size: int, resize: int | None) -> np.ndarray:
         new_long = int(resize * long / short)
         new = (resize, new_long) if w <= h else (new_long, resize)
         if new != (w, h):
-            img = img.resize(new, Image.BILINEAR)
+            img = img.resize(new, Image.Resampling.BILINEAR)
     w, h = img.size
     if (w, h) != (size, size):
         left, top = _crop_offset(w, size), _crop_offset(h, size)
@@ -153,13 +153,18 @@ class _Files(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, torch.from_numpy(decode_image(self.paths[i], self.size, self.resize)), None
+            return i, decode_image(self.paths[i], self.size, self.resize), None
         except DfmpcError as err:
             return i, None, str(err)
 
 
-def _collate(batch):
-    return batch
+def _collate(batch) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+    """One uint8 tensor per batch (one shared-memory transfer from a worker), or the batch's first error."""
+    idx = torch.tensor([i for i, _, _ in batch])
+    err = next((e for _, _, e in batch if e is not None), None)
+    if err is not None:
+        return idx, None, err
+    return idx, torch.from_numpy(np.stack([a for _, a, _ in batch])), None
 
 
 def decode_images(paths: Sequence[str | os.PathLike], size: int, resize: int | None, mean: Sequence[float],
@@ -191,13 +196,11 @@ def decode_images(paths: Sequence[str | os.PathLike], size: int, resize: int | N
                                          num_workers=workers, collate_fn=_collate)
     done = 0
     try:
-        for batch in loader:
-            for _, _, err in batch:
-                if err is not None:
-                    raise DfmpcError(err)
-            idx = torch.tensor([i for i, _, _ in batch])
-            out[idx] = normalize(torch.stack([arr for _, arr, _ in batch]), mean, std)
-            done += len(batch)
+        for idx, u8, err in loader:
+            if err is not None or u8 is None:
+                raise DfmpcError(err or "image decoding failed")
+            out[idx] = normalize(u8, mean, std)
+            done += len(idx)
             if progress:
                 progress(done, n)
     except RuntimeError as err:  # a worker killed (out of memory, signal): the loader raises RuntimeError

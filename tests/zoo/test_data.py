@@ -129,3 +129,35 @@ def test_labels_outside_the_model_are_refused_at_evaluation(tiny_net):
     from dfmpc_deploy.zoo.data import Dataset
     with pytest.raises(DfmpcError, match="label 10 is outside the model's 10 classes"):
         accuracy(tiny_net, Dataset("t", torch.randn(2, 3, 16, 16), torch.tensor([1, 10])))
+
+
+def test_inference_copy_folds_bn_and_keeps_the_function(tiny_net):
+    from dfmpc_deploy.zoo.evaluate import inference_copy, logits
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    folded = inference_copy(tiny_net)
+    assert folded is not None and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in tiny_net.modules()) == 3  # the original is untouched
+    with torch.no_grad():
+        ref = tiny_net(x)
+        assert torch.allclose(folded(x), ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(logits(tiny_net, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_untraceable_model_is_evaluated_as_it_is():
+    from dfmpc_deploy.zoo.evaluate import inference_copy, logits
+
+    class Dynamic(torch.nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y.mean((2, 3)) if y.sum() > 0 else -y.mean((2, 3))
+
+    m = Dynamic().eval()
+    x = torch.randn(3, 3, 8, 8)
+    assert inference_copy(m) is None
+    with torch.no_grad():
+        assert torch.allclose(logits(m, x), m(x), atol=1e-6)
+    assert m.conv.weight.is_contiguous()
