@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import pickle
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -60,8 +61,8 @@ class _DType:
         order = _text(state[1])
         if order not in "<>|=" or len(order) != 1:
             raise pickle.UnpicklingError(f"bad numpy byte order {order!r}")
-        if order in "<>":
-            self.dtype = self.dtype.newbyteorder(order)
+        if order in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder("<" if order == "<" else ">")
 
 
 class _NDArrayName:
@@ -82,7 +83,7 @@ class _Array:
         self.array = _from_bytes(raw, dtype, shape, "F" if fortran else "C")
 
 
-def _from_bytes(raw, dtype, shape, order: str) -> np.ndarray:
+def _from_bytes(raw, dtype, shape, order: Literal["C", "F"]) -> np.ndarray:
     if not isinstance(dtype, _DType) or not isinstance(shape, tuple) or not all(isinstance(n, int) for n in shape):
         raise pickle.UnpicklingError("malformed numpy array record")
     n = int(np.prod(shape, dtype=np.int64)) if shape else 1

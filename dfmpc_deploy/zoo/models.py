@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -153,9 +154,9 @@ def _torchvision(name: str, ctor: Callable[[], nn.Module]) -> Callable[[bool], n
 
 
 def _spec_list() -> list[ModelSpec]:
-    imnet = dict(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=256, num_classes=1000,
+    imnet: dict[str, Any] = dict(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=256, num_classes=1000,
                  source="pytorchcv (ImageNet-1k)")
-    cifar = dict(input_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, resize=None, source="pytorchcv (CIFAR)")
+    cifar: dict[str, Any] = dict(input_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, resize=None, source="pytorchcv (CIFAR)")
     specs = [ModelSpec(n, _pytorchcv(mod, n), **imnet) for mod, n in [
         ("resnet", "resnet18"), ("resnet", "resnet34"), ("resnet", "resnet50"), ("resnet", "resnet101"),
         ("resnet", "resnet152"), ("vgg", "vgg16"), ("vgg", "bn_vgg16"), ("densenet", "densenet121"),
@@ -168,7 +169,7 @@ def _spec_list() -> list[ModelSpec]:
     for d in OPTA_DEPTHS:
         specs.append(ModelSpec(f"resnet{d}_cifar10_optA", _opta(d), 32, IMAGENET_MEAN, IMAGENET_STD, None, 10,
                                "akamaster/pytorch_resnet_cifar10 (option-A shortcuts)", layout="native"))
-    tv = dict(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=256, num_classes=1000)
+    tv: dict[str, Any] = dict(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=256, num_classes=1000)
     for d in RESNET_DEPTHS:
         specs.append(ModelSpec(f"resnet{d}_torchvision", _torchvision(f"resnet{d}", partial(tv_resnet, d)),
                                source="torchvision layout (ImageNet-1k)", layout="torchvision", family=f"resnet{d}",
@@ -337,9 +338,15 @@ def bn_statistics_are_identity(module: nn.Module) -> bool:
     That is the signature of weights whose BN was folded into the convolutions before export (the BN layers then
     only hold the folded bias): data-free statistics read from such BN layers describe no real activations.
     """
-    bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
-    return bool(bns) and all(bool((m.running_mean == 0).all()) and bool(((m.running_var - 1).abs() <= 1e-4).all())
-                             for m in bns)
+    seen = False
+    for m in module.modules():
+        mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+        if not isinstance(m, nn.BatchNorm2d) or not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+            continue
+        if not (bool((mean == 0).all()) and bool(((var - 1).abs() <= 1e-4).all())):
+            return False
+        seen = True
+    return seen
 
 
 def load_model(name: str, weights: str = "pretrained", seed: int = 0, unsafe_pickle: bool = False,

@@ -94,6 +94,11 @@ class TVResNet(nn.Module):
         num_classes: outputs of ``fc`` (which has a bias).
     """
 
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, depth: int = 18, num_classes: int = 1000):
         super().__init__()
         if depth not in RESNET_DEPTHS:
