@@ -30,7 +30,7 @@ import torch
 
 from ..errors import DfmpcError, UsageError
 from .cifar_pickle import read_cifar_batch
-from .images import check_regular_files, decode_images, normalize, preprocess, read_regular_file
+from .images import check_dataset_memory, check_regular_files, decode_images, normalize, preprocess, read_regular_file
 
 __all__ = ["DataSpec", "DATA_KINDS", "parse_data_spec", "load_dataset", "Dataset", "list_imagefolder",
            "read_labels_file"]
@@ -208,6 +208,7 @@ def load_dataset(spec: DataSpec, size: int, resize: int | None, mean: Sequence[f
         idx = _subset(len(xs), limit)
         if idx is not None:
             xs, ys = xs[idx], ys[idx]
+        check_dataset_memory(len(xs), size)
         if resize is None and xs.shape[1:3] == (size, size):
             x = normalize(torch.from_numpy(xs).permute(0, 3, 1, 2), mean, std)
         else:

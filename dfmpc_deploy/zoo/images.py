@@ -12,7 +12,9 @@ What a data folder may hold (one-line :class:`DfmpcError` naming the file otherw
   followed wherever they point, as long as they end at a regular file (datasets are often assembled with symlinks);
 * at most :data:`MAX_IMAGE_BYTES` per file and :data:`MAX_IMAGE_PIXELS` per image, checked from the header before
   any pixel is decoded (so a small PNG declaring 20000x20000 pixels costs nothing);
-* truncated or corrupt images are an error, never skipped or padded.
+* truncated or corrupt images are an error, never skipped or padded;
+* the preprocessed float32 images must fit in 80 % of the free memory (checked before decoding, with the ``--limit``
+  that would fit in the message).
 
 Decoding errors raised in DataLoader workers are passed back as values, not exceptions, so the user sees one line
 instead of the worker's traceback.
@@ -32,7 +34,7 @@ import torch
 from ..errors import DfmpcError
 
 __all__ = ["MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "read_regular_file", "preprocess", "decode_image",
-           "normalize", "decode_images", "default_workers", "check_regular_files"]
+           "normalize", "decode_images", "default_workers", "check_regular_files", "check_dataset_memory"]
 
 MAX_IMAGE_BYTES = 64 << 20
 MAX_IMAGE_PIXELS = 64_000_000  # below Pillow's own 89 M-pixel warning; ~200 MB decoded RGB at most per worker
@@ -134,6 +136,33 @@ def normalize(u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     return (u8.float() / 255.0 - m) / s
 
 
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_dataset_memory(n: int, size: int) -> None:
+    """Refuse up front when ``n`` preprocessed float32 images of ``size`` px would not fit in 80 % of free memory.
+
+    Raises:
+        DfmpcError: naming the bytes needed, the bytes free and the ``--limit`` that would fit.
+    """
+    free = available_memory_bytes()
+    per_image = 3 * size * size * 4
+    if free is None or n * per_image <= 0.8 * free:
+        return
+    fit = int(0.8 * free // per_image)
+    raise DfmpcError(f"{n} images at {size} px need {n * per_image / 1e9:.1f} GB as float32, more than the "
+                     f"{free / 1e9:.1f} GB of free memory; evaluate on a subset with --limit {fit} or fewer")
+
+
 def default_workers() -> int:
     """DataLoader worker processes: the CPUs this process may run on."""
     try:
@@ -185,9 +214,11 @@ def decode_images(paths: Sequence[str | os.PathLike], size: int, resize: int | N
         float32 (N, 3, size, size).
 
     Raises:
-        DfmpcError: the first file that cannot be read or decoded (one line naming it).
+        DfmpcError: the first file that cannot be read or decoded (one line naming it), or too little memory for the
+            decoded images (:func:`check_dataset_memory`).
     """
     n = len(paths)
+    check_dataset_memory(n, size)
     workers = default_workers() if num_workers is None else num_workers
     if n < 2 * batch_size:
         workers = 0

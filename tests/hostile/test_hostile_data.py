@@ -258,6 +258,19 @@ def test_oversized_file_is_refused_before_reading(tmp_path, monkeypatch):
         _load(f"imagefolder:{root}")
 
 
+def test_dataset_larger_than_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    import dfmpc_deploy.zoo.images as images
+    root = _folder(tmp_path)
+    monkeypatch.setattr(images, "available_memory_bytes", lambda: 3 * 32 * 32 * 4 * 2)  # room for 2 images
+    with pytest.raises(DfmpcError, match=r"3 images at 32 px need .* --limit 1 or fewer") as e:
+        _load(f"imagefolder:{root}")
+    _one_line(e)
+    assert len(_load(f"imagefolder:{root}", limit=1).labels) == 1
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(_good_batch()))
+    with pytest.raises(DfmpcError, match=r"8 images at 32 px need"):
+        _load(f"cifar10:{tmp_path}")
+
+
 # --- imagenet:DIR labels files -----------------------------------------------------------------------------------
 
 def _imagenet(tmp_path, lines):
