@@ -390,6 +390,10 @@ def load_model(name: str, weights: str = "pretrained", seed: int = 0, unsafe_pic
         if bn_statistics_are_identity(model):
             notes.append(f"every BatchNorm in '{weights}' has identity statistics (mean 0, variance 1), as when BN was "
                          f"folded into the convolutions before export: statistics read from BN describe no activations")
+            quantizable = _variants(spec.family).get("torchvision-quantized")
+            if weights_format == "auto" and quantizable is not None and quantizable is not spec:
+                notes.append(f"BN-folded torchvision weights often come from torchvision's quantizable model, which "
+                             f"uses ReLU: if so, pass --weights-format torchvision-quantized ({quantizable.name})")
     if spec.name != name:
         log.info("model %s with %s-layout weights: architecture %s", name, spec.layout, spec.name)
     for note in notes:
