@@ -11,6 +11,7 @@ compensation itself never reads data.
 * ``imagenet:DIR``: ``DIR/labels.txt`` with ``<file> <class index>`` lines (blank and ``#`` lines ignored; ILSVRC's
   validation ground truth in that form is what ``../shared/data/imagenet_val_1300`` holds). Each file is looked up
   relative to ``DIR``, then ``DIR/images``; absolute names and ``..`` are refused so every entry stays in ``DIR``.
+  A listed name is read even if it starts with ``.`` (skipping hidden entries is a rule for directory listings).
 * ``cifar10:DIR`` / ``cifar100:DIR``: the python-version batch ``test_batch`` / ``test``, read by the restricted
   unpickler of :mod:`.cifar_pickle` (nothing in the file can run code).
 
