@@ -57,10 +57,16 @@ class BuildConfig:
     weights: str = option("pretrained", flag="--weights", metavar="pretrained|random|FILE",
                           help="'pretrained' (download), 'random' (seeded, for size/latency/export only) or a local "
                                ".pth/.th/.safetensors state dict")
+    weights_format: str = option("auto", flag="--weights-format",
+                                 choices=("auto", "pytorchcv", "torchvision", "torchvision-quantized", "native"),
+                                 help="layout of a --weights file: detected from its keys (auto), or pytorchcv, "
+                                      "torchvision, torchvision-quantized (torchvision's quantizable models: ReLU "
+                                      "instead of ReLU6) or native")
     method: str = option("dfmpc", flag="--method", metavar="METHOD",
                          help="recipe of compensation passes (listed above; default dfmpc)")
     data: Any = option(None, flag="--data", metavar="KIND:DIR",
-                       help="evaluation data: imagefolder:DIR, cifar10:DIR or cifar100:DIR")
+                       help="evaluation data: imagefolder:DIR, imagenet:DIR (DIR/labels.txt with '<file> <index>' "
+                            "lines), cifar10:DIR or cifar100:DIR")
     limit: int | None = option(None, flag="--limit", parse=positive_int, metavar="N",
                                help="evaluate on N evenly spaced images")
     mean: tuple[float, float, float] | None = option(None, flag="--mean", parse=_floats3, metavar="R,G,B",
@@ -185,7 +191,8 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    lm = load_model(cfg.model, cfg.weights, seed=cfg.seed, unsafe_pickle=cfg.unsafe_pickle)
+    lm = load_model(cfg.model, cfg.weights, seed=cfg.seed, unsafe_pickle=cfg.unsafe_pickle,
+                    weights_format=cfg.weights_format)
     spec = lm.spec
     graph = GraphAnalysis.of(lm.module)
     _stage(timings, "load", t)
@@ -197,7 +204,7 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
     if cfg.data is not None:
         t = time.perf_counter()
         data = load_dataset(cfg.data, spec.input_size, spec.resize, mean, std, cfg.limit,
-                            progress=_task(progress, "load data"))
+                            progress=_task(progress, "load data"), num_classes=spec.num_classes)
         _stage(timings, "load_data", t)
     real = None
     if cfg.settings.get("recal") == "real" and "recal" in recipe.fields():
@@ -206,7 +213,7 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
         real = data.images[torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))[:200]]
 
     t = time.perf_counter()
-    mp = run_recipe(recipe, lm.module, input_shape, cfg.settings, arch=cfg.model, real_inputs=real,
+    mp = run_recipe(recipe, lm.module, input_shape, cfg.settings, arch=lm.arch, real_inputs=real,
                     progress=progress, device=device, seed=cfg.seed, graph=graph)
     _stage(timings, "compensate", t)
     run = mp.config
@@ -214,7 +221,7 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
         warn(msg)
     log.info("compensated %s in %.2f s (%s)", cfg.model, timings["compensate"], mp.estimator)
 
-    notes = [f"--method {cfg.method}: {msg}" for msg in run.overrides]
+    notes = list(lm.extra.get("notes", [])) + [f"--method {cfg.method}: {msg}" for msg in run.overrides]
     if lm.weights == "random":
         notes.append("Built with seeded RANDOM weights: sizes, latency and export are real, accuracy is not.")
     if run.bn_status != "real":
@@ -230,7 +237,7 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
         else:
             rtn = run_recipe(get_recipe("rtn"), lm.module, input_shape,
                              {k: v for k, v in cfg.settings.items() if k in ("bits", "per_channel")},
-                             arch=cfg.model, graph=graph)
+                             arch=lm.arch, graph=graph)
             results["quantized_uncompensated"] = accuracy(rtn.module, data,
                                                           progress=_task(progress, "eval uncompensated"))
             results[cfg.method] = accuracy(mp.module, data, progress=_task(progress, f"eval {cfg.method}"))

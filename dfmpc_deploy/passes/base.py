@@ -268,10 +268,12 @@ def run_recipe(recipe: Recipe, model: nn.Module, input_shape: tuple[int, int, in
         The compensated model; ``config`` is the :class:`RecipeRun`, ``graph`` the analysis.
     """
     from ..core.stats import bn_status
+    from ..core.validate import check_weights
 
     settings = dict(settings or {})
     validate_settings(settings)
     passes, overrides = recipe.configure(settings)
+    check_weights(model)  # non-finite or overflowing weights, bad BN statistics: refused here, naming the tensor
     dev = torch.device(device)
     t0 = time.perf_counter()
     graph = graph or GraphAnalysis.of(model)

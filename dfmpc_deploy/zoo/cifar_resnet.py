@@ -50,6 +50,10 @@ class CifarResNet(nn.Module):
         num_classes: size of the final Linear layer.
     """
 
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
     def __init__(self, depth: int = 20, num_classes: int = 10):
         super().__init__()
         if (depth - 2) % 6:

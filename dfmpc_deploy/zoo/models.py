@@ -1,7 +1,19 @@
-"""Model loading: pytorchcv names, the CIFAR option-A ResNets, local weight files, or any nn.Module.
+"""Model loading: pytorchcv names, torchvision-layout ResNets/MobileNetV2, the CIFAR option-A ResNets, local files.
 
 pytorchcv constructors are imported from ``pytorchcv.models.<module>`` directly, never through
-``pytorchcv.model_provider`` (which imports torchvision).
+``pytorchcv.model_provider`` (which imports torchvision). The torchvision-layout architectures are the zoo's own
+(:mod:`.torchvision_arch`); torchvision is never imported.
+
+Weight layouts. A *family* (the name users type: ``resnet18``, ``mobilenet_v2``) has one registered architecture per
+key layout it can load: ``pytorchcv`` (``features.init_block...``, ``features.stage1.unit1...``, ``output.weight``),
+``torchvision`` (``conv1``/``layer1.0.conv1``/``fc``, or ``features.N.conv...``/``classifier.1``),
+``torchvision-quantized`` (torchvision's quantizable models: same keys, ReLU where the float model has ReLU6; for
+ResNets, which use ReLU anyway, it is the torchvision variant) and ``native`` (this zoo's CIFAR option-A ResNets, whose
+keys follow akamaster's). ``--weights-format auto`` detects the layout from a file's keys; the chosen architecture's
+registered name is :attr:`LoadedModel.arch` (e.g. ``resnet18_torchvision``), which is what a packed file must record
+so it can be rebuilt. Every key and shape is checked (nothing dropped, nothing left at its initial value) and
+integer/bool/complex tensors are refused where the model holds floats, instead of being cast. Every model, whatever
+its weights' source, passes :func:`~dfmpc_deploy.core.validate.check_weights` before it is returned.
 """
 from __future__ import annotations
 
@@ -9,18 +21,27 @@ import difflib
 import importlib
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .._deps import require
-from ..errors import DfmpcError
+from ..core.stats import bn_status
+from ..core.validate import check_weights
+from ..errors import DfmpcError, UsageError
 from .cifar_resnet import OPTA_DEPTHS, CifarResNet
+from .torchvision_arch import RESNET_DEPTHS, tv_mobilenet_v2, tv_resnet
 
-__all__ = ["ModelSpec", "REGISTRY", "model_names", "get_spec", "load_model", "load_state_dict_file", "LoadedModel"]
+__all__ = ["ModelSpec", "REGISTRY", "model_names", "get_spec", "load_model", "load_state_dict_file", "LoadedModel",
+           "WEIGHTS_FORMATS", "detect_layout", "resolve_spec", "settle_bn_statistics_"]
+
+WEIGHTS_FORMATS = ("auto", "pytorchcv", "torchvision", "torchvision-quantized", "native")
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -31,6 +52,10 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 _AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
 _AKAMASTER_FILES = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th", 44: "resnet44-014dd654.th",
                     56: "resnet56-4bfd9763.th", 110: "resnet110-1d1ed7c2.th"}
+_TORCHVISION = "https://download.pytorch.org/models/"
+_TORCHVISION_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet34": "resnet34-b627a593.pth",
+                      "resnet50": "resnet50-0676ba61.pth", "resnet101": "resnet101-63fe2227.pth",
+                      "resnet152": "resnet152-394f9c45.pth", "mobilenet_v2": "mobilenet_v2-b0353104.pth"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +70,8 @@ class ModelSpec:
         resize: resize the shorter side to this before the centre crop (ImageNet style), or None.
         num_classes: size of the classifier.
         source: where the pretrained weights come from (shown by ``dfmpc-deploy models``).
+        layout: the key layout of its state dict, one of :data:`WEIGHTS_FORMATS` other than ``auto``.
+        family: the name whose ``--weights-format`` variants include this one (default: ``name``).
     """
 
     name: str
@@ -55,6 +82,14 @@ class ModelSpec:
     resize: int | None
     num_classes: int
     source: str
+    layout: str = "pytorchcv"
+    family: str = ""
+
+    def __post_init__(self) -> None:
+        if self.layout not in WEIGHTS_FORMATS[1:]:
+            raise ValueError(f"model {self.name!r}: layout {self.layout!r} not in {WEIGHTS_FORMATS[1:]}")
+        if not self.family:
+            object.__setattr__(self, "family", self.name)
 
 
 @dataclass
@@ -62,9 +97,14 @@ class LoadedModel:
     """A model ready for the pipeline, with the provenance of its weights."""
 
     module: nn.Module
-    spec: ModelSpec
+    spec: ModelSpec  # the architecture actually built (after --weights-format resolution)
     weights: str  # "pretrained" | "random" | a file path | "module"
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # "weights_format": layout; "notes": list of one-line remarks
+
+    @property
+    def arch(self) -> str:
+        """The registered name that rebuilds this architecture (record it in packed files and reports)."""
+        return self.spec.name
 
 
 def _pytorchcv(module: str, fn: str) -> Callable[[bool], nn.Module]:
@@ -96,10 +136,28 @@ def _opta(depth: int) -> Callable[[bool], nn.Module]:
     return build
 
 
+def _torchvision(name: str, ctor: Callable[[], nn.Module]) -> Callable[[bool], nn.Module]:
+    def build(pretrained: bool) -> nn.Module:
+        model = ctor()
+        if pretrained:
+            if name not in _TORCHVISION_FILES:
+                raise DfmpcError(f"there are no float pretrained weights for '{name}' to download (torchvision "
+                                 f"publishes this model only as an int8 model); pass --weights FILE (a float "
+                                 f"torchvision-layout state dict) or --weights random")
+            url = _TORCHVISION + _TORCHVISION_FILES[name]
+            try:
+                sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+            except Exception as err:  # urllib raises several types; all mean "not reachable"
+                raise DfmpcError(f"could not download {url} ({err}); pass --weights FILE or --weights random") from err
+            _load_into(model, sd, url)
+        return model
+    return build
+
+
 def _spec_list() -> list[ModelSpec]:
-    imnet = dict(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=256, num_classes=1000,
+    imnet: dict[str, Any] = dict(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=256, num_classes=1000,
                  source="pytorchcv (ImageNet-1k)")
-    cifar = dict(input_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, resize=None, source="pytorchcv (CIFAR)")
+    cifar: dict[str, Any] = dict(input_size=32, mean=CIFAR_MEAN, std=CIFAR_STD, resize=None, source="pytorchcv (CIFAR)")
     specs = [ModelSpec(n, _pytorchcv(mod, n), **imnet) for mod, n in [
         ("resnet", "resnet18"), ("resnet", "resnet34"), ("resnet", "resnet50"), ("resnet", "resnet101"),
         ("resnet", "resnet152"), ("vgg", "vgg16"), ("vgg", "bn_vgg16"), ("densenet", "densenet121"),
@@ -111,7 +169,17 @@ def _spec_list() -> list[ModelSpec]:
                                num_classes=100, **cifar))
     for d in OPTA_DEPTHS:
         specs.append(ModelSpec(f"resnet{d}_cifar10_optA", _opta(d), 32, IMAGENET_MEAN, IMAGENET_STD, None, 10,
-                               "akamaster/pytorch_resnet_cifar10 (option-A shortcuts)"))
+                               "akamaster/pytorch_resnet_cifar10 (option-A shortcuts)", layout="native"))
+    tv: dict[str, Any] = dict(input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=256, num_classes=1000)
+    for d in RESNET_DEPTHS:
+        specs.append(ModelSpec(f"resnet{d}_torchvision", _torchvision(f"resnet{d}", partial(tv_resnet, d)),
+                               source="torchvision layout (ImageNet-1k)", layout="torchvision", family=f"resnet{d}",
+                               **tv))
+    specs.append(ModelSpec("mobilenet_v2", _torchvision("mobilenet_v2", partial(tv_mobilenet_v2, True)),
+                           source="torchvision layout, ReLU6 (ImageNet-1k)", layout="torchvision", **tv))
+    specs.append(ModelSpec("mobilenet_v2_relu", _torchvision("mobilenet_v2_relu", partial(tv_mobilenet_v2, False)),
+                           source="torchvision quantizable layout, ReLU (--weights FILE only)",
+                           layout="torchvision-quantized", family="mobilenet_v2", **tv))
     return specs
 
 
@@ -140,37 +208,103 @@ def load_state_dict_file(path: str | os.PathLike, unsafe_pickle: bool = False) -
     Handles checkpoints wrapping the weights in ``state_dict``/``model`` and strips ``module.`` prefixes.
 
     Raises:
-        DfmpcError: missing/unreadable file, or a pickle that needs ``--unsafe-pickle``.
+        DfmpcError: missing, non-regular or unreadable file, a pickle that needs ``--unsafe-pickle``, or content that
+            is not a ``{str: tensor}`` dict.
     """
     p = Path(path)
-    if not p.is_file():
-        raise DfmpcError(f"weights file '{p}' does not exist (pass a .pth/.th/.safetensors file, 'pretrained' or "
-                         f"'random')")
+    if not p.exists():
+        raise DfmpcError(f"weights file '{p}' does not exist (pass a .pth/.th/.safetensors file, 'pretrained' "
+                         f"or 'random')")
+    if not p.is_file():  # a FIFO or device would block or never end
+        raise DfmpcError(f"weights file '{p}' is not a regular file; pass a .pth/.th/.safetensors file")
     if p.suffix == ".safetensors":
         st = require("safetensors.torch", "models")
         try:
             sd = st.load_file(str(p))
         except Exception as err:  # safetensors raises its own error types for corrupt headers
-            raise DfmpcError(f"cannot read '{p}' as safetensors: {err}") from err
+            raise DfmpcError(f"cannot read '{p}' as safetensors: {str(err).splitlines()[0][:200]}") from err
     else:
         if unsafe_pickle:
             log.warning("--unsafe-pickle: unpickling %s can run arbitrary code; only use files you trust", p)
         try:
             sd = torch.load(str(p), map_location="cpu", weights_only=not unsafe_pickle)
         except Exception as err:  # pickle/zip errors come in many types
-            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and "weights_only" not in ln]
-            msg = (lines[-1][:200] if lines else "") or f"not a torch checkpoint ({type(err).__name__})"
-            if "Unsupported global" in str(err):
-                raise DfmpcError(f"'{p}' holds more than tensors and is not loaded by default for safety; "
-                                 f"if you trust it, re-run with --unsafe-pickle") from err
-            raise DfmpcError(f"cannot read weights '{p}': {msg}") from err
+            glob = re.search(r"unsupported global\W+(?:GLOBAL\s+)?([\w.]+)", str(err), re.IGNORECASE)
+            if glob:
+                raise DfmpcError(f"'{p}' holds more than tensors (it names {glob.group(1)}) and is not loaded by "
+                                 f"default for safety; if you trust it, re-run with --unsafe-pickle") from err
+            lines = [ln.strip() for ln in str(err).splitlines()
+                     if ln.strip() and not any(w in ln for w in ("weights_only", "WeightsUnpickler", "documentation"))]
+            msg = lines[-1][:200] if lines else type(err).__name__
+            raise DfmpcError(f"cannot read weights '{p}': not a readable torch checkpoint, truncated or corrupt "
+                             f"({msg})") from err
     for key in ("state_dict", "model", "model_state_dict", "net"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
             break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise DfmpcError(f"'{p}' does not contain a state dict of tensors")
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                     for k, v in sd.items()):
+        raise DfmpcError(f"'{p}' does not contain a state dict (a non-empty dict of names to tensors)")
     return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def detect_layout(keys) -> str | None:
+    """Which key layout a state dict uses: ``pytorchcv``, ``torchvision``, ``native`` or None (unrecognised).
+
+    ``torchvision`` covers the quantizable models too (same keys); ``native`` is this zoo's option-A CIFAR ResNet.
+    """
+    keys = set(keys)
+    if any(k.startswith(("features.init_block.", "features.stage1.")) for k in keys):
+        return "pytorchcv"
+    if {"conv1.weight", "layer1.0.conv1.weight", "fc.weight"} <= keys:
+        return "torchvision"
+    if {"features.0.0.weight", "classifier.1.weight"} <= keys:
+        return "torchvision"
+    if {"conv1.weight", "layer1.0.conv1.weight", "linear.weight"} <= keys:
+        return "native"
+    return None
+
+
+def _variants(family: str) -> dict[str, ModelSpec]:
+    return {s.layout: s for s in REGISTRY.values() if s.family == family}
+
+
+def resolve_spec(name: str, weights_format: str = "auto", keys=None, origin: str = "") -> ModelSpec:
+    """The architecture to build for model ``name``, a weights format and (for a file) its state-dict keys.
+
+    ``auto`` keeps ``name``'s own architecture unless ``keys`` show another layout of the same family; an explicit
+    format picks that variant of the family (``torchvision-quantized`` falls back to ``torchvision`` where the
+    family has no separate quantizable variant, as for ResNets).
+
+    Raises:
+        UsageError: unknown format. DfmpcError: unknown name, keys in no known layout, or a family without the layout.
+    """
+    if weights_format not in WEIGHTS_FORMATS:
+        raise UsageError(f"bad --weights-format '{weights_format}': choose one of {', '.join(WEIGHTS_FORMATS)}")
+    spec = get_spec(name)
+    variants = _variants(spec.family)
+    have = ", ".join(sorted(variants))
+    if weights_format == "auto":
+        if keys is None:
+            return spec
+        layout = detect_layout(keys)
+        if layout is None:
+            first = ", ".join(list(keys)[:3])
+            raise DfmpcError(f"weights '{origin}' are in neither the pytorchcv layout (features.init_block..., "
+                             f"output.weight) nor the torchvision layout (conv1/layer1.0.conv1/fc, or features.N.conv"
+                             f"/classifier.1) (first keys: {first}); pass --weights-format {'|'.join(variants)}")
+        if layout == spec.layout or (layout == "torchvision" and spec.layout == "torchvision-quantized"):
+            return spec
+        if layout in variants:
+            return variants[layout]
+        raise DfmpcError(f"weights '{origin}' are in the {layout} layout, but '{name}' is available in the {have} "
+                         f"layout only; pick a model of that layout (dfmpc-deploy models) or convert the weights")
+    want = weights_format
+    if want == "torchvision-quantized" and want not in variants:
+        want = "torchvision"
+    if want not in variants:
+        raise DfmpcError(f"--weights-format {weights_format}: '{name}' is available in the {have} layout only")
+    return variants[want]
 
 
 def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], origin: str) -> None:
@@ -188,8 +322,15 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], origin: str) -> No
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         if bad_shape:
             parts.append(f"{len(bad_shape)} of wrong shape (e.g. {bad_shape[0]})")
-        raise DfmpcError(f"weights '{origin}' do not fit the architecture: {'; '.join(parts)}")
-    model.load_state_dict({k: v for k, v in sd.items()}, strict=False)
+        layout = detect_layout(sd)
+        seen = f" (the file's keys look like the {layout} layout)" if layout else ""
+        raise DfmpcError(f"weights '{origin}' do not fit the architecture: {'; '.join(parts)}{seen}")
+    for k, v in own.items():
+        src = sd.get(k)
+        if src is not None and v.is_floating_point() and not src.is_floating_point():
+            raise DfmpcError(f"weights '{origin}': tensor '{k}' is {str(src.dtype).replace('torch.', '')} where the "
+                             f"model holds floats; refusing to cast it silently (re-export the weights as float32)")
+    model.load_state_dict(dict(sd), strict=False)
 
 
 @torch.no_grad()
@@ -217,14 +358,25 @@ def settle_bn_statistics_(model: nn.Module, input_shape: tuple[int, int, int], s
         model.eval()
 
 
-def load_model(name: str, weights: str = "pretrained", seed: int = 0, unsafe_pickle: bool = False) -> LoadedModel:
-    """Build a named model with pretrained, seeded random or local weights, in eval mode.
+def load_model(name: str, weights: str = "pretrained", seed: int = 0, unsafe_pickle: bool = False,
+               weights_format: str = "auto") -> LoadedModel:
+    """Build a named model with pretrained, seeded random or local weights, in eval mode, checked.
 
     Args:
         name: a name from :func:`model_names`.
         weights: ``"pretrained"`` (download), ``"random"`` (seeded init, labelled as such), or a file path.
         seed: seed for ``"random"``.
         unsafe_pickle: allow full unpickling of a trusted local file.
+        weights_format: one of :data:`WEIGHTS_FORMATS`; see :func:`resolve_spec`.
+
+    Returns:
+        LoadedModel whose ``arch`` may differ from ``name`` (e.g. ``resnet18`` with torchvision-layout weights is
+        ``resnet18_torchvision``); ``extra["weights_format"]`` is the layout, ``extra["notes"]`` lists remarks for
+        the report (e.g. BN layers with identity statistics).
+
+    Raises:
+        DfmpcError: unknown name, unreadable or mismatched weights, or weights that fail
+            :func:`~dfmpc_deploy.core.validate.check_weights`. UsageError: unknown ``weights_format``.
 
     Example::
 
@@ -232,15 +384,30 @@ def load_model(name: str, weights: str = "pretrained", seed: int = 0, unsafe_pic
         >>> lm.module(torch.zeros(1, 3, 32, 32)).shape
         torch.Size([1, 10])
     """
-    spec = get_spec(name)
-    if weights == "random":
-        torch.manual_seed(seed)
-        model = spec.build(False)
-        settle_bn_statistics_(model, (3, spec.input_size, spec.input_size), seed)
-    elif weights == "pretrained":
-        model = spec.build(True)
+    notes: list[str] = []
+    if weights in ("random", "pretrained"):
+        spec = resolve_spec(name, weights_format)
+        if weights == "random":
+            torch.manual_seed(seed)
+        model = spec.build(weights == "pretrained")
+        if weights == "random":
+            settle_bn_statistics_(model, (3, spec.input_size, spec.input_size), seed)
     else:
         sd = load_state_dict_file(weights, unsafe_pickle=unsafe_pickle)
-        model = spec.build(False)
+        spec = resolve_spec(name, weights_format, keys=list(sd), origin=str(weights))
+        with torch.random.fork_rng(devices=[]):  # the initial values are all overwritten
+            model = spec.build(False)
         _load_into(model, sd, str(weights))
-    return LoadedModel(model.eval(), spec, weights)
+        if bn_status(model) == "identity":
+            notes.append(f"every BatchNorm in '{weights}' has identity statistics (mean 0, variance 1), as when BN was "
+                         f"folded into the convolutions before export: statistics read from BN describe no activations")
+            quantizable = _variants(spec.family).get("torchvision-quantized")
+            if weights_format == "auto" and quantizable is not None and quantizable is not spec:
+                notes.append(f"BN-folded torchvision weights often come from torchvision's quantizable model, which "
+                             f"uses ReLU: if so, pass --weights-format torchvision-quantized ({quantizable.name})")
+    if spec.name != name:
+        log.info("model %s with %s-layout weights: architecture %s", name, spec.layout, spec.name)
+    for note in notes:
+        log.warning("warning: %s", note)
+    check_weights(model)
+    return LoadedModel(model.eval(), spec, weights, {"weights_format": spec.layout, "notes": notes})
