@@ -159,6 +159,9 @@ class Recipe:
         data_used: ``none`` | ``synthetic`` | ``real`` (what the method reads besides the weights).
         fine_tuning: whether weights are trained by gradient steps.
         passes: ``(pass class, {field: pinned value})`` in order.
+        without_statistics: what happens on a model whose BN layers carry no statistics (identity or absent, e.g.
+            BN folded before publication): ``run`` (the recipe needs none), ``refuse`` (it cannot work: one line
+            says why), or the name of the recipe that runs instead (said in the overrides).
     """
 
     name: str
@@ -166,6 +169,7 @@ class Recipe:
     data_used: str
     fine_tuning: bool
     passes: tuple[PassSpec, ...]
+    without_statistics: str = "run"
 
     def __post_init__(self) -> None:
         if self.data_used not in ("none", "synthetic", "real"):
@@ -245,6 +249,20 @@ def validate_settings(settings: Mapping[str, Any]) -> None:
         cls(**{k: v for k, v in settings.items() if k in names})
 
 
+def _for_statistics(recipe: Recipe, status: str) -> tuple[Recipe, str | None]:
+    """The recipe to run on a model whose BN statistics are ``status`` (see :attr:`Recipe.without_statistics`)."""
+    if status == "real" or recipe.without_statistics == "run":
+        return recipe, None
+    if recipe.without_statistics == "refuse":
+        raise DfmpcError(f"--method {recipe.name} needs the BN statistics a trained model carries, and this model's BN "
+                         f"layers carry none ({status}: BN folded into the convolutions before publication?); use "
+                         f"--method rtn, dfq, dfmpc or dfmpc-paper, which work from the weights alone")
+    from .recipes import get_recipe
+    alt = get_recipe(recipe.without_statistics)
+    return alt, (f"this model's BN layers carry no statistics ({status}), so {recipe.name} runs as {alt.name} "
+                 f"({alt.description})")
+
+
 def run_recipe(recipe: Recipe, model: nn.Module, input_shape: tuple[int, int, int],
                settings: Mapping[str, Any] | None = None, *, arch: str | None = None,
                real_inputs: torch.Tensor | None = None, progress: Any = None, device: str | torch.device = "cpu",
@@ -272,7 +290,10 @@ def run_recipe(recipe: Recipe, model: nn.Module, input_shape: tuple[int, int, in
 
     settings = dict(settings or {})
     validate_settings(settings)
+    status = bn_status(model)
+    recipe, note = _for_statistics(recipe, status)
     passes, overrides = recipe.configure(settings)
+    overrides = ([note] if note else []) + overrides
     check_weights(model)  # non-finite or overflowing weights, bad BN statistics: refused here, naming the tensor
     dev = torch.device(device)
     t0 = time.perf_counter()
@@ -280,7 +301,7 @@ def run_recipe(recipe: Recipe, model: nn.Module, input_shape: tuple[int, int, in
     fp = model.eval()
     ctx = Context(fp_model=fp, model=copy.deepcopy(fp).eval(), graph=graph, input_shape=tuple(input_shape),  # type: ignore[arg-type]
                   device=dev, seed=seed, arch=arch or type(model).__name__, real_inputs=real_inputs,
-                  progress=progress, bn_status=bn_status(fp))
+                  progress=progress, bn_status=status)
     records = []
     log.info("recipe %s: %s", recipe.name, " -> ".join(p.name for p in passes))
     try:

@@ -133,6 +133,10 @@ class BiasCorrect(Pass):
 
     @torch.no_grad()
     def apply(self, ctx: Context) -> dict:
+        if ctx.bn_status != "real":  # the BN's (beta, |gamma|) would not describe the activations
+            steps = " + ".join(ctx.shared.get("steps", []) or ["plain rounding"])
+            ctx.estimator = f"none (data-free: {steps}; no bias correction: the BN layers carry no statistics)"
+            return {"corrected_layers": 0, "skipped": f"bn statistics {ctx.bn_status}"}
         fp_mods, q_mods = dict(ctx.fp_model.named_modules()), dict(ctx.model.named_modules())
         links = cle_links(ctx.graph, fp_mods)
         pre = ctx.shared.get("bn_pre")

@@ -15,6 +15,11 @@ accounting are identical; only how the weights and the float state (BN statistic
 ``dfmpc-alloc`` ``dfmpc`` whose allocate pass, given no budget, takes the fixed pairing's own packed size.
 =============  ======================================================================================================
 
+On a model whose BN layers carry no statistics (identity or absent: BN folded before publication), ``rtn``,
+``dfq`` (without its bias correction) and ``dfmpc-paper`` (c from the weights alone) run as they are, ``dfmpc`` and
+``dfmpc-alloc`` run as ``dfmpc-paper``, and ``zeroq`` and ``gdfq``, which synthesise from the statistics, refuse
+with the reason.
+
 Importing this module registers every pass (their flags are what the CLI offers).
 """
 from __future__ import annotations
@@ -45,18 +50,19 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            ((Quantize, {}),)),
     Recipe("dfq", "DFQ (Nagel 2019): cross-layer equalization + analytic bias correction", "none", False,
            ((Equalize, {}), (Quantize, {}), (BiasCorrect, {}))),
-    Recipe("dfmpc", "DF-MPC: low/high pairs, closed-form c, data-free BN statistics", "synthetic", False, _DFMPC),
+    Recipe("dfmpc", "DF-MPC: low/high pairs, closed-form c, data-free BN statistics", "synthetic", False, _DFMPC,
+           without_statistics="dfmpc-paper"),
     Recipe("dfmpc-paper", "DF-MPC as printed: closed-form c folded, FP statistics, nearest rounding", "none", False,
            ((Quantize, {}), (SolveC, {"c_mode": "paper"}))),
     Recipe("zeroq", "ZeroQ: BN-statistics-matched synthetic inputs, every BN re-estimated", "synthetic", False,
            ((Quantize, {}), (Calibrate, {"recal": "synthetic"}),
-            (Recalibrate, {"rounding": "nearest", "recal_scope": "all"}))),
+            (Recalibrate, {"rounding": "nearest", "recal_scope": "all"})), without_statistics="refuse"),
     Recipe("gdfq", "GDFQ (Xu 2020): generator (BN statistics + class boundary) then STE fine-tuning", "synthetic", True,
-           ((Quantize, {}), (Finetune, {}))),
+           ((Quantize, {}), (Finetune, {})), without_statistics="refuse"),
     Recipe("dfmpc-alloc", "DF-MPC with per-layer widths from data-free sensitivity under the same size budget",
            "synthetic", False,
            ((Quantize, {}), (Calibrate, {}), (Allocate, {"default_budget": "fixed-pairing"}), (Recalibrate, {}),
-            (SolveC, {}))),
+            (SolveC, {})), without_statistics="dfmpc-paper"),
 )}
 
 

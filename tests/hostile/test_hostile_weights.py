@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from dfmpc_deploy.core.validate import MAX_SQUARED_NORM, check_weights
 from dfmpc_deploy.errors import DfmpcError
 from dfmpc_deploy.zoo.models import load_model, load_state_dict_file
-from dfmpc_deploy.core.validate import MAX_SQUARED_NORM, check_weights
 from tests.conftest import make_tiny_net
 
 MODEL = "resnet20_cifar10_optA"

@@ -1,4 +1,6 @@
 """passes/calibrate.py: where the calibration inputs come from, and models whose BN carry no statistics."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -36,13 +38,17 @@ def test_synthesis_budget_and_record():
 
 
 def test_identity_statistics_skip_synthesis_and_say_so():
+    from dfmpc_deploy.passes.base import run_recipe
+    from dfmpc_deploy.passes.recipes import RECIPES
+
     net = _folded(make_tiny_net())
-    mp = compensate(net, SHAPE, rounding="nearest")
+    own = dataclasses.replace(RECIPES["dfmpc"], without_statistics="run")  # the passes themselves, no fallback
+    mp = run_recipe(own, net, SHAPE, {"rounding": "nearest"})
     rec = mp.config.record("calibrate")
     assert rec.info["source"] == "none" and "identity" in rec.info["skipped"]
     assert mp.config.bn_status == "identity" and "carry no statistics" in mp.estimator
     with pytest.raises(UsageError, match="carry no statistics"):  # error feedback has nothing to measure H on
-        compensate(net, SHAPE)
+        run_recipe(own, net, SHAPE)
 
 
 def test_real_reference_needs_images():
@@ -50,3 +56,23 @@ def test_real_reference_needs_images():
         compensate(make_tiny_net(), SHAPE, recal="real")
     mp = compensate(make_tiny_net(), SHAPE, recal="real", real_inputs=torch.randn(16, *SHAPE))
     assert "REAL-DATA" in mp.estimator
+
+
+def test_every_recipe_has_a_defined_behaviour_without_statistics():
+    from dfmpc_deploy.errors import DfmpcError
+    from dfmpc_deploy.passes.recipes import RECIPES
+
+    net = _folded(make_tiny_net())
+    ran = {}
+    for name in RECIPES:
+        try:
+            mp = compensate(net, SHAPE, name, finetune_steps=2)
+        except DfmpcError as err:
+            assert name in ("zeroq", "gdfq") and "carry none (identity" in str(err), (name, err)
+            continue
+        ran[name] = mp.config
+    assert ran["dfmpc"].recipe == "dfmpc-paper" and "runs as dfmpc-paper" in ran["dfmpc"].overrides[0]
+    assert ran["dfmpc-alloc"].recipe == "dfmpc-paper"
+    assert ran["rtn"].recipe == "rtn" and ran["dfmpc-paper"].recipe == "dfmpc-paper"
+    assert ran["dfq"].record("bias_correct").info["skipped"] == "bn statistics identity"
+    assert set(ran) == set(RECIPES) - {"zeroq", "gdfq"}

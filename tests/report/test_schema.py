@@ -106,7 +106,7 @@ def _paths(obj, prefix=()):
 
 
 # Relations between fields that a JSON Schema cannot state; from_dict checks them (the schema's descriptions say so).
-RELATIONS = ("is below top1", "percentiles out of order", "does not hold", "differs from recipe.name", "is above high",
+RELATIONS = ("is below top1", "percentiles out of order", "does not hold", "is above high",
              "is above steps_max", "non-positive size", "is reserved", "timings_s")
 _VALUES = ["x", 1.5, -1, 7, None, True, [], {}, {"p50": 1.0}, [3, 32, 32]]
 
