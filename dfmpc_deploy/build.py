@@ -30,7 +30,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 def _floats3(text: str) -> tuple[float, float, float]:
     try:
-        vals = tuple(float(v) for v in split_values(text))
+        vals = tuple(float(v) for v in split_values(text, "R,G,B"))
     except ValueError:
         vals = ()
     if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
@@ -104,13 +104,13 @@ class BuildConfig:
         get_spec(self.model)  # an unknown name fails before anything is created
         if self.method not in RECIPES:
             raise UsageError(f"bad --method '{self.method}': choose one of {', '.join(RECIPES)}")
-        targets = tuple(dict.fromkeys(split_values(self.targets)))
+        targets = tuple(dict.fromkeys(split_values(self.targets, "--target")))
         bad = [t for t in targets if t not in TARGET_CHOICES]
         if bad:
             raise UsageError(f"bad --target {', '.join(bad)}: choose from {', '.join(TARGET_CHOICES)}")
         object.__setattr__(self, "targets", targets)
         try:
-            sizes = tuple(int(v) for v in split_values([str(b) for b in self.batch_sizes]))
+            sizes = tuple(int(v) for v in split_values([str(b) for b in self.batch_sizes], "--batch-sizes"))
         except ValueError:
             sizes = ()
         if not sizes or not all(1 <= b <= 65536 for b in sizes):

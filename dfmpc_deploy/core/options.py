@@ -109,12 +109,18 @@ def _for_argparse(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return wrapped
 
 
-def split_values(values: Sequence[str] | str) -> list[str]:
-    """``["1", "32"]``, ``["1,32"]`` and ``"1,32"`` all give ``["1", "32"]``; empty items are refused."""
-    items = [values] if isinstance(values, str) else list(values)
-    out = [v.strip() for item in items for v in str(item).split(",")]
+def split_values(values: Sequence[str] | str, what: str = "value") -> list[str]:
+    """``["1", "32"]``, ``["1,32"]`` and ``"1,32"`` all give ``["1", "32"]``; empty items are refused.
+
+    Args:
+        values: what argparse collected (``nargs="+"``) or one string.
+        what: the flag, for the error message.
+    """
+    items = [values] if isinstance(values, str) else [str(v) for v in values]
+    out = [v.strip() for item in items for v in item.split(",")]
     if any(not v for v in out):
-        raise UsageError(f"empty value in {' '.join(items)!r}: give values separated by spaces or commas, e.g. 1,8,32")
+        raise UsageError(f"bad {what} {' '.join(items)!r}: empty value; give values separated by spaces or commas, "
+                         f"e.g. 1,8,32")
     return out
 
 

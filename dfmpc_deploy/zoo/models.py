@@ -335,23 +335,30 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], origin: str) -> No
 
 @torch.no_grad()
 def settle_bn_statistics_(model: nn.Module, input_shape: tuple[int, int, int], seed: int = 0, batch: int = 8) -> None:
-    """In place: give every BatchNorm the statistics of its input when Gaussian images flow through ``model``.
+    """In place: give every BatchNorm the statistics of its input when image-like noise flows through ``model``.
 
     A freshly initialised model's BN layers hold identity statistics (mean 0, variance 1), which describe no input;
     a trained model's describe its training data. Seeded random weights are meant to exercise the pipeline the way
-    a trained model does (sizes, latency, and the work of every pass), so they get the population statistics of
-    N(0, 1) inputs - still labelled random in every report.
+    a trained model does (sizes, latency, and the work of every pass, input synthesis included), so they get the
+    population statistics of spatially smooth noise (Gaussian noise at 1/8 of the resolution, upsampled bilinearly
+    and standardised per channel, as normalised photographs are smooth): white noise, where synthesis starts, does
+    not match them. Every report still labels the weights random.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
     if not bns:
         return
+    c, h, w = input_shape
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn((batch, c, max(1, h // 8), max(1, w // 8)), generator=g)
+    x = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    x = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batch
     model.train()
     try:
-        model(torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(seed)))
+        model(x)
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
