@@ -122,16 +122,20 @@ def _pytorchcv(module: str, fn: str) -> Callable[[bool], nn.Module]:
     return build
 
 
+def _download_into(model: nn.Module, url: str) -> None:
+    """Load the state dict at ``url`` (torch hub cache) into ``model``; unreachable is one line with the way out."""
+    try:
+        sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+    except Exception as err:  # urllib raises several types; all mean "not reachable"
+        raise DfmpcError(f"could not download {url} ({err}); pass --weights FILE or --weights random") from err
+    _load_into(model, sd, url)
+
+
 def _opta(depth: int) -> Callable[[bool], nn.Module]:
     def build(pretrained: bool) -> nn.Module:
         model = CifarResNet(depth)
         if pretrained:
-            url = _AKAMASTER + _AKAMASTER_FILES[depth]
-            try:
-                sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
-            except Exception as err:  # urllib raises several types; all mean "not reachable"
-                raise DfmpcError(f"could not download {url} ({err}); pass --weights FILE or --weights random") from err
-            _load_into(model, sd, url)
+            _download_into(model, _AKAMASTER + _AKAMASTER_FILES[depth])
         return model
     return build
 
@@ -144,12 +148,7 @@ def _torchvision(name: str, ctor: Callable[[], nn.Module]) -> Callable[[bool], n
                 raise DfmpcError(f"there are no float pretrained weights for '{name}' to download (torchvision "
                                  f"publishes this model only as an int8 model); pass --weights FILE (a float "
                                  f"torchvision-layout state dict) or --weights random")
-            url = _TORCHVISION + _TORCHVISION_FILES[name]
-            try:
-                sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
-            except Exception as err:  # urllib raises several types; all mean "not reachable"
-                raise DfmpcError(f"could not download {url} ({err}); pass --weights FILE or --weights random") from err
-            _load_into(model, sd, url)
+            _download_into(model, _TORCHVISION + _TORCHVISION_FILES[name])
         return model
     return build
 
