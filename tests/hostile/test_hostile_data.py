@@ -3,7 +3,6 @@ entries, FIFOs, decompression bombs, corrupt images and labels files. Every case
 nothing executed, no hang (each test runs under a 10 s alarm)."""
 import os
 import pickle
-import signal
 
 import numpy as np
 import pytest
@@ -11,27 +10,12 @@ import torch
 
 from dfmpc_deploy.errors import DfmpcError
 from dfmpc_deploy.zoo.data import list_imagefolder, load_dataset, parse_data_spec
+from tests.hostile.conftest import one_line
+
+pytestmark = pytest.mark.usefixtures("deadline")
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 MARKER = "dfmpc_hostile_pwned"
-
-
-@pytest.fixture(autouse=True)
-def deadline():
-    """Fail instead of hanging: a blocking open or read is interrupted after 10 s."""
-    def boom(*_):
-        raise TimeoutError("hung for 10 s")
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
-def _one_line(err: pytest.ExceptionInfo) -> str:
-    msg = str(err.value)
-    assert "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 def _load(spec: str, **kw):
@@ -77,7 +61,7 @@ def test_cifar_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path, paylo
     (tmp_path / "test_batch").write_bytes(pickle.dumps(obj))
     with pytest.raises(DfmpcError, match="test_batch") as e:
         _load(f"cifar10:{tmp_path}")
-    msg = _one_line(e)
+    msg = one_line(e)
     assert "refused" in msg or "not a plain numeric dtype" in msg
     assert not marker.exists()
 
@@ -130,7 +114,7 @@ def test_malformed_cifar_batches(tmp_path, case, expect):
     (tmp_path / "test_batch").write_bytes(raw)
     with pytest.raises(DfmpcError, match=expect) as e:
         _load(f"cifar10:{tmp_path}")
-    assert "test_batch" in _one_line(e)
+    assert "test_batch" in one_line(e)
 
 
 def test_cifar100_labels_beyond_the_model_are_refused(tmp_path):
@@ -145,7 +129,7 @@ def test_cifar_batch_that_is_a_fifo_does_not_hang(tmp_path):
     os.mkfifo(tmp_path / "test_batch")
     with pytest.raises(DfmpcError, match="not a regular file") as e:
         _load(f"cifar10:{tmp_path}")
-    _one_line(e)
+    one_line(e)
 
 
 # --- image folders -----------------------------------------------------------------------------------------------
@@ -180,7 +164,7 @@ def test_empty_class_folder_is_refused_not_skipped(tmp_path):
     (root / "dingo").mkdir()  # sorts between cat and dog: skipping it would shift dog and emu
     with pytest.raises(DfmpcError, match=r"class folder '.*dingo' \(class 1 of 4\) has no images") as e:
         _load(f"imagefolder:{root}")
-    _one_line(e)
+    one_line(e)
 
 
 def test_class_count_must_match_the_model(tmp_path):
@@ -194,7 +178,7 @@ def test_fifo_named_like_an_image_does_not_hang(tmp_path):
     os.mkfifo(root / "dog" / "b.jpg")
     with pytest.raises(DfmpcError, match=r"'.*b\.jpg' is not a regular file") as e:
         _load(f"imagefolder:{root}")
-    _one_line(e)
+    one_line(e)
 
 
 def test_symlinks_to_regular_files_are_followed_dangling_ones_refused(tmp_path):
@@ -221,13 +205,13 @@ def _png_declaring(path, w, h):
 
 
 @pytest.mark.parametrize("w, h", [(20000, 20000), (10000, 10000), (9000, 9000)])  # Pillow error, warning, ours
-def test_decompression_bomb_is_one_line(tmp_path, w, h):
+def test_decompression_bomb_isone_line(tmp_path, w, h):
     root = _folder(tmp_path)
     _png_declaring(root / "cat" / "bomb.png", w, h)
     assert (root / "cat" / "bomb.png").stat().st_size < 200
     with pytest.raises(DfmpcError, match=r"image '.*bomb\.png' .*(too large|more than the limit)") as e:
         _load(f"imagefolder:{root}")
-    _one_line(e)
+    one_line(e)
 
 
 @pytest.mark.parametrize("content", ["truncated_jpeg", "text", "empty", "png_header_only"])
@@ -246,7 +230,7 @@ def test_corrupt_images_name_the_file(tmp_path, content):
         f.write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(DfmpcError, match=r"cannot decode image '.*bad\.jpg'") as e:
         _load(f"imagefolder:{root}")
-    _one_line(e)
+    one_line(e)
 
 
 def test_oversized_file_is_refused_before_reading(tmp_path, monkeypatch):
@@ -264,7 +248,7 @@ def test_dataset_larger_than_memory_is_refused_before_decoding(tmp_path, monkeyp
     monkeypatch.setattr(images, "available_memory_bytes", lambda: 3 * 32 * 32 * 4 * 2)  # room for 2 images
     with pytest.raises(DfmpcError, match=r"3 images at 32 px need .* --limit 1 or fewer") as e:
         _load(f"imagefolder:{root}")
-    _one_line(e)
+    one_line(e)
     assert len(_load(f"imagefolder:{root}", limit=1).labels) == 1
     (tmp_path / "test_batch").write_bytes(pickle.dumps(_good_batch()))
     with pytest.raises(DfmpcError, match=r"8 images at 32 px need"):
@@ -296,7 +280,7 @@ def test_bad_labels_files(tmp_path, lines, expect):
     root = _imagenet(tmp_path, lines)
     with pytest.raises(DfmpcError, match=expect) as e:
         _load(f"imagenet:{root}", num_classes=1000)
-    _one_line(e)
+    one_line(e)
 
 
 def test_labels_file_missing_binary_or_fifo(tmp_path):

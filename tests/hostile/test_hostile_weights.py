@@ -2,7 +2,6 @@
 Every case: a one-line DfmpcError naming the tensor (or file) and what is wrong, before any pass runs."""
 import os
 import pickle
-import signal
 
 import pytest
 import torch
@@ -12,25 +11,11 @@ from dfmpc_deploy.core.validate import MAX_SQUARED_NORM, check_weights
 from dfmpc_deploy.errors import DfmpcError
 from dfmpc_deploy.zoo.models import load_model, load_state_dict_file
 from tests.conftest import make_tiny_net
+from tests.hostile.conftest import one_line
+
+pytestmark = pytest.mark.usefixtures("deadline")
 
 MODEL = "resnet20_cifar10_optA"
-
-
-@pytest.fixture(autouse=True)
-def deadline():
-    def boom(*_):
-        raise TimeoutError("hung for 10 s")
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
-def _one_line(e: pytest.ExceptionInfo) -> str:
-    msg = str(e.value)
-    assert "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 def _set(net: nn.Module, name: str, index, value) -> None:
@@ -56,7 +41,7 @@ def test_check_weights_names_the_first_bad_tensor(name, index, value, expect):
     _set(net, name, index, value)
     with pytest.raises(DfmpcError, match=expect) as e:
         check_weights(net)
-    _one_line(e)
+    one_line(e)
 
 
 def test_first_bad_tensor_in_module_order_is_named():
@@ -109,7 +94,7 @@ def test_load_model_refuses_bad_weight_files(tmp_path, key, value, expect):
     f = _saved(tmp_path, mutate)
     with pytest.raises(DfmpcError, match=expect) as e:
         load_model(MODEL, str(f))
-    _one_line(e)
+    one_line(e)
 
 
 def test_float64_values_beyond_float32_become_a_named_error(tmp_path):
@@ -152,12 +137,12 @@ def test_weights_pickle_that_runs_code_is_refused(tmp_path, container, expect):
         f.write_bytes(pickle.dumps(obj))
     with pytest.raises(DfmpcError, match=expect) as e:
         load_model(MODEL, str(f))
-    _one_line(e)
+    one_line(e)
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage", "truncated", "int_keys", "nested", "empty_dict"])
-def test_broken_weight_files_are_one_line(tmp_path, content):
+def test_broken_weight_files_areone_line(tmp_path, content):
     f = tmp_path / "w.pth"
     if content == "truncated":
         torch.save(load_model(MODEL, "random").module.state_dict(), f)
@@ -172,7 +157,7 @@ def test_broken_weight_files_are_one_line(tmp_path, content):
         f.write_bytes(content)
     with pytest.raises(DfmpcError, match="w.pth") as e:
         load_model(MODEL, str(f))
-    _one_line(e)
+    one_line(e)
 
 
 def test_weights_fifo_does_not_hang(tmp_path):

@@ -24,20 +24,10 @@ from dfmpc_deploy.passes.recipes import compensate
 from tests.conftest import ROOT
 from tests.io.helpers import join, quick_config, split, variant_net
 
+pytestmark = pytest.mark.usefixtures("deadline")
+
 READERS = {"load": lambda p: load_packed(p, model=variant_net("relu6")), "inspect": inspect_packed,
            "size report": lambda p: packed_size_report(None, p)}
-
-
-@pytest.fixture(autouse=True)
-def _no_hang():
-    """Any read that blocks (a FIFO without a writer, a device) fails the test after 10 s instead of hanging."""
-    def timeout(*_):
-        raise TimeoutError("the reader hung for 10 s")
-    old = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +209,7 @@ MEMORY_CHILD = textwrap.dedent("""
 def test_memory_is_bounded_by_the_file_and_the_model(good, tmp_path):
     """Under RLIMIT_AS: hostile files are refused within 64 MiB of the baseline, inspect stays within 2 x file +
     32 MiB, and load within 2 x file + 2 x the model's float32 state dict + 64 MiB (docs/FORMAT.md)."""
+    signal.alarm(0)  # building the ResNet-18 fixtures takes longer than the read deadline; the child has its timeout
     pytest.importorskip("pytorchcv")
     from dfmpc_deploy.zoo.models import load_model
     mp = compensate(load_model("resnet18", "random").module, (3, 224, 224), **quick_config(), arch="resnet18")
@@ -247,7 +238,6 @@ def test_memory_is_bounded_by_the_file_and_the_model(good, tmp_path):
         fh.truncate(2 << 30)
     env = {**os.environ, "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}
-    signal.alarm(0)
     r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(legit), str(good), str(model_bytes), str(claim),
                         str(big_layer), str(big_arch), str(sparse)], capture_output=True, text=True, timeout=300,
                        cwd=ROOT, env=env)

@@ -1,0 +1,23 @@
+"""Shared by the hostile-input tests: a deadline instead of a hang, and the one-line check of an error message."""
+import signal
+
+import pytest
+
+
+@pytest.fixture
+def deadline():
+    """Fail instead of hanging: a blocking open or read is interrupted after 10 s (use with ``usefixtures``)."""
+    def boom(*_):
+        raise TimeoutError("hung for 10 s")
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    """The message of a raised error, asserted to be one line without a traceback."""
+    msg = str(err.value)
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    return msg
