@@ -7,9 +7,9 @@ quantized model (calib_free.recal), which is what DF-MPC's "re-calibrate mu_hat 
 
 Budget (:func:`synth_budget`): the work is ``samples x steps`` forward+backward passes at the model's own input size.
 Small inputs (CIFAR's 32 px) keep 32 samples x 100 steps, which the accuracy tables were measured with; large inputs
-(ImageNet's 224 px, 49x the pixels) take 8 samples x 40 steps, about 4 % of the pixels-times-steps at 32 px x 100
-(a step at 224 px costs as much as 49 at 32 px) - each sample there already covers thousands of positions per
-channel. Synthesis stops early when the BN-matching loss has not improved by ``min_delta`` (relative) for
+(ImageNet's 224 px, 49x the pixels of 32 px) take 8 samples x 40 steps: a tenth of what 32 x 100 would cost at that
+size (still about 5x the pixel-steps of the CIFAR budget), since each sample there already covers thousands of
+positions per channel. Synthesis stops early when the BN-matching loss has not improved by ``min_delta`` (relative) for
 ``patience`` steps (counted after the first quarter of the steps, while Adam's first moves settle), and returns the
 inputs with the lowest loss seen.
 """

@@ -54,10 +54,11 @@ def dorefa(w: torch.Tensor, bits: int, per_channel: bool = False) -> tuple[torch
     n = 2 ** bits - 1
     a = _flat(w).abs()
     s = a.amax(dim=1) if per_channel else a.max().expand(w.shape[0])
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    ws = _flat(w) / s[:, None]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    ws = _flat(w) / safe[:, None]
     m = torch.round(n * (ws / 2 + 0.5)).clamp(0, n)
     codes = (2 * m - n).to(torch.int16).reshape(w.shape)
+    # an all-zero row (a pruned channel) has no zero level to round to: its scale 0 keeps it exactly zero
     return codes, (s / n).float()
 
 

@@ -85,6 +85,7 @@ def gptq_codes(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, bits: int,
     rows, k = w.shape
     codes = torch.empty_like(w)
     s = scale.to(w.dtype).reshape(rows, 1)
+    s_round = torch.where(s > 0, s, torch.ones_like(s))  # a zero-scale row (all-zero channel) dequantises to 0
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         wb = w[:, i1:i2]  # a view: updates land in w
@@ -92,7 +93,7 @@ def gptq_codes(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, bits: int,
         errs = torch.empty((rows, i2 - i1), dtype=w.dtype, device=w.device)
         for i in range(i2 - i1):
             col = wb[:, i:i + 1]
-            q = nearest_codes(col, s, bits)
+            q = nearest_codes(col, s_round, bits)
             codes[:, i1 + i:i1 + i + 1] = q
             err = (col - q * s) / ub[i, i]
             wb[:, i:] -= err * ub[i:i + 1, i:]

@@ -37,3 +37,13 @@ def test_dequantize_is_deterministic_float32():
     codes, scale = ternarize(torch.randn(4, 3, 3, 3))
     a, b = dequantize(codes, scale), dequantize(codes.clone(), scale.clone())
     assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+def test_dorefa_keeps_a_pruned_channel_exactly_zero(bits):
+    w = torch.randn(4, 3, 3, 3)
+    w[2] = 0.0
+    codes, scale = dorefa(w, bits, per_channel=True)
+    q = dequantize(codes, scale)
+    assert torch.equal(q[2], torch.zeros_like(q[2])) and scale[2] == 0
+    assert (scale[[0, 1, 3]] > 0).all() and torch.isfinite(q).all()

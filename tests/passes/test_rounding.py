@@ -124,3 +124,16 @@ def test_second_moment_of_conv_patches_and_row_subset():
     assert torch.allclose(h, cols.T @ cols / cols.shape[0], atol=1e-5)
     sub = input_second_moment(conv, x, max_rows=32)
     assert sub.shape == (27, 27) and torch.allclose(sub, sub.T)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_a_zero_scale_row_stays_finite_and_feeds_its_whole_error_back(bits):
+    w, h = _problem(3, rows=8, k=40)
+    w[5] = 0.0
+    codes, scale = quantize_weight(w, bits, per_channel=True)
+    assert scale[5] == 0
+    u, _ = inverse_factor(h)
+    out = gptq_codes(w, u, scale, bits)
+    assert torch.isfinite(out).all()
+    c, s, _ = best_grid_codes(w, h, scale, bits)
+    assert torch.isfinite(c).all() and s[5] == 0
