@@ -257,7 +257,7 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
         t = time.perf_counter()
         from .deploy.targets import run_targets
         frag = run_targets(mp, lm.module, input_shape, wanted, tmp, dataset=data, batch_sizes=cfg.batch_sizes,
-                           progress=progress.say if progress is not None else None, threads=cfg.threads)
+                           progress=progress, threads=cfg.threads)
         frag = _relative_paths(frag, tmp)
         notes += frag.get("notes", [])
         _stage(timings, "targets", t)
