@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfmpc_deploy.core.pairing import find_links, find_pairs
+from dfmpc_deploy.core.graph import GraphAnalysis
 from dfmpc_deploy.errors import DfmpcError, UsageError
 from dfmpc_deploy.zoo.data import load_dataset, parse_data_spec
 from dfmpc_deploy.zoo.evaluate import accuracy
@@ -50,13 +50,13 @@ def test_mobilenet_v2_traces_and_pairs_depthwise_with_projection(relu6):
         assert torch.equal(gm(x), m(x))
     acts = {type(mod) for mod in m.modules() if isinstance(mod, (nn.ReLU, nn.ReLU6))}
     assert acts == {nn.ReLU6 if relu6 else nn.ReLU}
-    pairs = {(p.low, p.high) for p in find_pairs(find_links(m))}
+    pairs = {(p.low, p.high) for p in GraphAnalysis.of(m).pairs}
     for i in range(2, 17):  # paper Fig. 2: depthwise low, projection high (block 17 chains on into features.18)
         assert (f"features.{i}.conv.1.0", f"features.{i}.conv.2") in pairs
 
 
 def test_resnet50_pairs_follow_the_bottleneck_rule():
-    pairs = {(p.low, p.high) for p in find_pairs(find_links(tv_resnet(50)))}
+    pairs = {(p.low, p.high) for p in GraphAnalysis.of(tv_resnet(50)).pairs}
     assert ("layer1.0.conv2", "layer1.0.conv3") in pairs and len(pairs) == 16
 
 
