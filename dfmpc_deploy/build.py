@@ -35,7 +35,7 @@ def _floats3(text: str) -> tuple[float, float, float]:
         vals = ()
     if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
         raise UsageError(f"'{text}' is not three finite comma-separated numbers, e.g. 0.485,0.456,0.406")
-    return vals  # type: ignore[return-value]
+    return vals
 
 
 def _std3(text: str) -> tuple[float, float, float]:
