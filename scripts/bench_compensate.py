@@ -1,4 +1,4 @@
-"""Time each compensation stage (issue 2: closed-form compensation of ResNet-50 under 2 s on this CPU).
+"""Time each compensation stage (goal: closed-form compensation of ResNet-50 under 2 s on this CPU).
 
 Rows: the closed-form DF-MPC stages alone (quantize + pairing + Eq. 27 + fold; no statistics re-estimation) on
 pytorchcv ResNet-50 with seeded random weights, and the full default pipeline (synthesis, error feedback, BN

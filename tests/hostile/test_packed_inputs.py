@@ -1,4 +1,4 @@
-"""Hostile inputs to the .dfmpc reader (issue 12, classes 2 and 3): every case is one line naming the problem,
+"""Hostile inputs to the .dfmpc reader (corrupt and hostile files): every case is one line naming the problem,
 exit 1, no traceback, no hang, bounded memory, no partial output, nothing executed."""
 from __future__ import annotations
 
