@@ -231,16 +231,18 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
     acc = None
     if data is not None:
         t = time.perf_counter()
-        results = {"fp32": accuracy(lm.module, data, progress=_task(progress, "eval fp32"))}
+        g = graph.graph  # the model's one trace serves every evaluation copy
+        results = {"fp32": accuracy(lm.module, data, progress=_task(progress, "eval fp32"), graph=g)}
         if cfg.method == "rtn":
-            results["quantized_uncompensated"] = accuracy(mp.module, data, progress=_task(progress, "eval rtn"))
+            results["quantized_uncompensated"] = accuracy(mp.module, data, progress=_task(progress, "eval rtn"),
+                                                          graph=g)
         else:
             rtn = run_recipe(get_recipe("rtn"), lm.module, input_shape,
                              {k: v for k, v in cfg.settings.items() if k in ("bits", "per_channel")},
                              arch=lm.arch, graph=graph)
-            results["quantized_uncompensated"] = accuracy(rtn.module, data,
+            results["quantized_uncompensated"] = accuracy(rtn.module, data, graph=g,
                                                           progress=_task(progress, "eval uncompensated"))
-            results[cfg.method] = accuracy(mp.module, data, progress=_task(progress, f"eval {cfg.method}"))
+            results[cfg.method] = accuracy(mp.module, data, progress=_task(progress, f"eval {cfg.method}"), graph=g)
         _stage(timings, "evaluate", t)
         acc = (data.name, len(data.labels), results)
 
