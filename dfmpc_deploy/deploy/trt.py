@@ -125,7 +125,8 @@ def _native_stderr_to_log(logger: Any) -> Iterator[None]:
     """Capture file descriptor 2 while TensorRT runs (module docstring, Messages); then log the captured lines and
     the ``logger``'s held messages at INFO. The terminal is not affected otherwise: :class:`Progress` draws on its
     own copy of the descriptor, and our logging does not run during the capture (the messages are held)."""
-    sys.stderr.flush()
+    if sys.stderr is not None:  # None under pythonw
+        sys.stderr.flush()
     try:
         saved = os.dup(2)
     except OSError:  # no descriptor 2 (a detached process): nothing can reach the terminal
