@@ -221,7 +221,9 @@ def test_memory_is_bounded_by_the_file_and_the_model(good, tmp_path):
     32 MiB, and load within 2 x file + 2 x the model's float32 state dict + 64 MiB (docs/FORMAT.md)."""
     pytest.importorskip("pytorchcv")
     from dfmpc_deploy.zoo.models import load_model
+    signal.alarm(0)  # the ResNet-18 compensation alone takes ~8 s on a loaded 2-core machine; it reads no file
     mp = compensate(load_model("resnet18", "random").module, (3, 224, 224), **quick_config(), arch="resnet18")
+    signal.alarm(10)
     legit = tmp_path / "r18.dfmpc"
     save_packed(mp, legit)
     model_bytes = sum(v.numel() * v.element_size() for v in mp.module.state_dict().values())
