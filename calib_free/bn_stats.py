@@ -31,8 +31,11 @@ class BNStats:
         c = bn.num_features
         gamma = bn.weight.detach() if bn.weight is not None else torch.ones(c)
         beta = bn.bias.detach() if bn.bias is not None else torch.zeros(c)
-        return cls(gamma.double().clone(), beta.double().clone(), bn.running_mean.detach().double().clone(),
-                   bn.running_var.detach().double().clone(), float(bn.eps))
+        mean, var = bn.running_mean, bn.running_var
+        if mean is None or var is None:
+            raise ValueError("BatchNorm2d without running statistics (track_running_stats=False) has no BNStats")
+        return cls(gamma.double().clone(), beta.double().clone(), mean.detach().double().clone(),
+                   var.detach().double().clone(), float(bn.eps))
 
 
 def collect_bn_stats(model: nn.Module) -> dict[str, BNStats]:

@@ -264,11 +264,12 @@ def _walk(graph: fx.Graph, mods: dict[str, nn.Module], k: float, input_range) ->
                 parts = [val(a) for a in node.args[0]]
                 dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
                 if dim == 1 and all(isinstance(p, _R) for p in parts):
-                    r = _R(*(torch.cat([getattr(p, f) for p in parts]) for f in ("lo", "hi", "mean", "std")), "cat")
+                    lo, hi, mean, std = (torch.cat([getattr(p, f) for p in parts]) for f in ("lo", "hi", "mean", "std"))
+                    r = _R(lo, hi, mean, std, "cat")
             elif fn in (operator.mul, torch.mul) and isinstance(x, _R) and isinstance(args[1], (int, float)):
-                c = float(args[1])
-                lo, hi = x.lo * c, x.hi * c
-                r = _R(torch.minimum(lo, hi), torch.maximum(lo, hi), x.mean * c, x.std * abs(c), x.source)
+                f = float(args[1])
+                lo, hi = x.lo * f, x.hi * f
+                r = _R(torch.minimum(lo, hi), torch.maximum(lo, hi), x.mean * f, x.std * abs(f), x.source)
         elif node.op == "call_method":
             if activation(node, mods) is not None and isinstance(x, _R):
                 r = _act(getattr(torch, str(node.target).rstrip("_")), x, k)

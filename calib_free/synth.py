@@ -115,7 +115,7 @@ def synthesize_inputs(model: nn.Module, shape: tuple[int, int, int], n: int = 64
     g = torch.Generator().manual_seed(seed)
     # channels-last: oneDNN's faster convolution layout on CPUs, and contiguous per-channel reductions; on a private
     # copy, so the caller's model keeps its layout (values and outputs are the same)
-    model = copy.deepcopy(model).to(device=device, memory_format=torch.channels_last)
+    model = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     x = torch.randn((n, *shape), generator=g).to(device).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     model.eval()

@@ -35,7 +35,7 @@ def _floats3(text: str) -> tuple[float, float, float]:
         vals = ()
     if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
         raise UsageError(f"'{text}' is not three finite comma-separated numbers, e.g. 0.485,0.456,0.406")
-    return vals  # type: ignore[return-value]
+    return vals
 
 
 def _std3(text: str) -> tuple[float, float, float]:
@@ -231,16 +231,18 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
     acc = None
     if data is not None:
         t = time.perf_counter()
-        results = {"fp32": accuracy(lm.module, data, progress=_task(progress, "eval fp32"))}
+        g = graph.graph  # the model's one trace serves every evaluation copy
+        results = {"fp32": accuracy(lm.module, data, progress=_task(progress, "eval fp32"), graph=g)}
         if cfg.method == "rtn":
-            results["quantized_uncompensated"] = accuracy(mp.module, data, progress=_task(progress, "eval rtn"))
+            results["quantized_uncompensated"] = accuracy(mp.module, data, progress=_task(progress, "eval rtn"),
+                                                          graph=g)
         else:
             rtn = run_recipe(get_recipe("rtn"), lm.module, input_shape,
                              {k: v for k, v in cfg.settings.items() if k in ("bits", "per_channel")},
                              arch=lm.arch, graph=graph)
-            results["quantized_uncompensated"] = accuracy(rtn.module, data,
+            results["quantized_uncompensated"] = accuracy(rtn.module, data, graph=g,
                                                           progress=_task(progress, "eval uncompensated"))
-            results[cfg.method] = accuracy(mp.module, data, progress=_task(progress, f"eval {cfg.method}"))
+            results[cfg.method] = accuracy(mp.module, data, progress=_task(progress, f"eval {cfg.method}"), graph=g)
         _stage(timings, "evaluate", t)
         acc = (data.name, len(data.labels), results)
 
@@ -256,8 +258,12 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
     if wanted:
         t = time.perf_counter()
         from .deploy.targets import run_targets
+        known = {}
+        if acc is not None:
+            known = {"torch_fp32": acc[2]["fp32"],
+                     "torch_fakequant": acc[2][cfg.method if cfg.method != "rtn" else "quantized_uncompensated"]}
         frag = run_targets(mp, lm.module, input_shape, wanted, tmp, dataset=data, batch_sizes=cfg.batch_sizes,
-                           progress=progress.say if progress is not None else None, threads=cfg.threads)
+                           progress=progress, threads=cfg.threads, known_accuracy=known)
         frag = _relative_paths(frag, tmp)
         notes += frag.get("notes", [])
         _stage(timings, "targets", t)

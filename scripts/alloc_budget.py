@@ -1,4 +1,4 @@
-"""Accuracy against size for sensitivity-based bit allocation (issue 5): DF-MPC with per-layer widths chosen under
+"""Accuracy against size for sensitivity-based bit allocation: DF-MPC with per-layer widths chosen under
 budgets that are fractions of the fixed low/high pairing's packed size.
 
 Prints a Markdown table and writes results/alloc_budget.json. The fixed pairing's row (fraction "fixed") is the

@@ -1,4 +1,4 @@
-"""What the compensation costs, in seconds and in FP32 forward passes of the same model (issue 10's goal).
+"""What the compensation costs, in seconds and in FP32 forward passes of the same model (the speed goal).
 
 For each model, in a fresh process (so that peak memory is the build's own): the FP32 forward pass at batch 32 and the
 model's input size is timed (median of 3, after a warm-up, measured before and after the build, the smaller median

@@ -13,7 +13,7 @@ latency, does not depend on the configuration.
 Variants timed side by side (round-robin, same random input, ``dfmpc_deploy.deploy.ort.compare_latency``): ``fp32`` (the
 dequantised model), ``wdq`` (INT8 weights + DQ), ``w8a8`` (TensorRT's Q/DQ form: symmetric INT8 at each conv input)
 and ``w8a8_ort`` (ORT's form: UINT8 at conv inputs and outputs, INT32 bias, fused to QLinearConv). Speed-up =
-fp32 p50 / variant p50. Goal of the issue: w8a8 >= 1.5x faster than FP32 at batch 32, top-1 within 1 point of the
+fp32 p50 / variant p50. Goal: w8a8 >= 1.5x faster than FP32 at batch 32, top-1 within 1 point of the
 fake-quant model. The machine is shared: the p90/p99 columns show how noisy the run was.
 """
 from __future__ import annotations

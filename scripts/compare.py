@@ -1,4 +1,4 @@
-"""Run related methods on the same model, data and bit budget (issue 5) and print one Markdown table.
+"""Run related methods on the same model, data and bit budget and print one Markdown table.
 
 Every row quantizes the same layers to the same bits (dfmpc_deploy.passes.recipes); the packed size comes from
 ``save_packed`` to a temporary file; wall time covers the method itself (synthesis included), not evaluation.

@@ -1,4 +1,6 @@
-"""Measure DF-MPC variants on the real CIFAR-10 ResNets in ../shared/data (issue 2's accuracy goal).
+"""Measure DF-MPC variants on the real CIFAR-10 ResNets in ../shared/data.
+
+Goal: ResNet-56 within 3 points of FP32, ResNet-20 within 5.
 
 Prints a Markdown table and writes results/dfmpc_accuracy.json. Every row uses the same images and the same
 bits; only 'real-*' rows read training-free real images (200 test images, disjoint from nothing: a labelled

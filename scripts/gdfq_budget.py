@@ -1,4 +1,4 @@
-"""How GDFQ's accuracy grows with its CPU budget (issue 5): the same 2/6 model fine-tuned for several step counts.
+"""How GDFQ's accuracy grows with its CPU budget: the same 2/6 model fine-tuned for several step counts.
 
 Prints a Markdown table and writes results/gdfq_budget.json. Each row is a separate run from the pretrained model
 (warm-up = min(100, steps/4) generator-only steps, batch 32). Usage:

@@ -1,4 +1,4 @@
-"""FP32 top-1/top-5 of the real ImageNet MobileNetV2 on the 1,300 shared ImageNet validation images (issue 13).
+"""FP32 top-1/top-5 of the real ImageNet MobileNetV2 on the 1,300 shared ImageNet validation images.
 
 Measures the time to decode the images (``imagenet:DIR``: torchvision-equivalent Resize 256 / CenterCrop 224 on
 Pillow bilinear, in DataLoader worker processes, and in this process for comparison) and the FP32 accuracy of the

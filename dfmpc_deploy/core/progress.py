@@ -15,6 +15,7 @@ one for each :meth:`Progress.say`, and at most every 10 s a line with the counts
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -77,6 +78,7 @@ class Progress:
         self._say_id: Any = None
         self._flush: list[Callable[[], None]] = []
         self._handlers: list[tuple[logging.StreamHandler, Any]] = []
+        self._own_file: IO[str] | None = None
 
     def __enter__(self) -> Progress:
         if not self.enabled:
@@ -87,10 +89,13 @@ class Progress:
         except ImportError:
             self._plain = True
             return self
-        console = Console(file=self.stream, force_terminal=True)
         # stderr prints (the CLI's warnings) and log lines go above the rows instead of through them; stdout is left
         # alone, since it may be a pipe (--json)
         own = self.stream is sys.stderr
+        # drawn on a copy of stderr's descriptor: a step that captures descriptor 2 (TensorRT's native messages,
+        # deploy/trt.py) must not capture the rows too
+        self._own_file = _dup_stream(self.stream) if own else None
+        console = Console(file=self._own_file or self.stream, force_terminal=True)
         self._rich = RichProgress(*_columns(), console=console, refresh_per_second=10, transient=False,
                                   redirect_stdout=False, redirect_stderr=own)
         self._rich.start()
@@ -109,6 +114,9 @@ class Progress:
             self._end_say()
             self._rich.stop()
             self._rich = None
+        if self._own_file is not None:
+            self._own_file.close()
+            self._own_file = None
 
     def say(self, message: str) -> None:
         """A status row for a step without counts (spinner and elapsed time); ends the previous one."""
@@ -180,6 +188,15 @@ class Progress:
             last[0] = now
             self.stream.flush()
         return update
+
+
+def _dup_stream(stream: IO[str]) -> IO[str] | None:
+    """A text stream on a duplicate of ``stream``'s file descriptor, or None when it has none."""
+    try:
+        return os.fdopen(os.dup(stream.fileno()), "w", encoding=getattr(stream, "encoding", None) or "utf-8",
+                         errors="replace")
+    except (AttributeError, OSError, ValueError):  # no descriptor (a StringIO, a capture object), or closed
+        return None
 
 
 def _stream_handlers(stream: IO[str]) -> list[logging.StreamHandler]:

@@ -42,7 +42,9 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -51,10 +53,10 @@ from .._deps import require
 from ..core.state import MixedPrecisionModel
 from ..errors import DfmpcError
 from ..io.atomic import atomic_write_bytes
-from .onnx_rewrite import INPUT_NAME, OUTPUT_NAME, Rewriter, find_initializer, to_fp16
+from .onnx_rewrite import INPUT_NAME, OUTPUT_NAME, QuantizedWeight, Rewriter, find_initializer, to_fp16
 
-__all__ = ["VARIANTS", "OnnxExport", "export_onnx", "export_variants", "onnx_from_mp", "base_onnx_from_mp",
-           "variant_from_base"]
+__all__ = ["VARIANTS", "OnnxExport", "OnnxBase", "export_onnx", "export_variants", "onnx_from_mp",
+           "base_onnx_from_mp", "variant_from_base"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -81,41 +83,52 @@ class OnnxExport:
 
 
 @dataclass
-class _Base:
-    """The traced FP32 model and what the quantized variants need to rewrite it."""
+class OnnxBase:
+    """The traced FP32 model (BN folded) and what the quantized variants need to rewrite it.
 
-    model: object  # onnx.ModelProto
-    weights: dict  # fqn -> (initializer name, axis, int8 codes, (out,) f32 scale, (in,) f32 in_scale or None)
+    Attributes:
+        model: the FP32 ``onnx.ModelProto`` every variant is derived from (never modified).
+        weights: ``{fqn: QuantizedWeight}`` for every quantized layer.
+        mp: the compensated model it was traced from.
+        notes: what the trace had to approximate (requantised 8-bit layers, ...).
+    """
+
+    model: Any  # onnx.ModelProto (onnx is an optional dependency)
+    weights: dict[str, QuantizedWeight]
     mp: MixedPrecisionModel
     notes: list[str]
 
 
-def _fold_bn(mp: MixedPrecisionModel) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Copy of ``mp.module`` with BN folded into the preceding convs; returns it and the folded per-channel factor."""
-    try:
-        gm = fx.symbolic_trace(copy.deepcopy(mp.module).eval())
-    except Exception as err:  # fx raises TraceError, TypeError, ... for data-dependent control flow
-        raise DfmpcError(f"cannot trace {mp.arch} with torch.fx for the ONNX export: {err}") from err
+def _fold_bn(mp: MixedPrecisionModel) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+    """Copy of ``mp.module`` with BN folded into the preceding convs; returns it and the folded per-channel factor.
+
+    The graph is ``mp``'s analysis (traced once per model, :meth:`MixedPrecisionModel.analysis`), run on a deep copy;
+    the conv -> BN matches are its units (the BN is the conv's sole consumer).
+    """
+    analysis = mp.analysis()
+    gm = analysis.graph_module(copy.deepcopy(mp.module).eval())
     mods = dict(gm.named_modules())
+    nodes = {n.name: n for n in gm.graph.nodes}  # the copied graph keeps the node names
     factor: dict[str, torch.Tensor] = {}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(mods[node.target], nn.BatchNorm2d):
+    for name, unit in analysis.units.items():
+        conv, bn = mods.get(name), mods.get(unit.bn) if unit.bn is not None else None
+        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
             continue
-        prev = node.args[0]
-        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1
-                and isinstance(mods[prev.target], nn.Conv2d)):
+        running_mean, running_var = bn.running_mean, bn.running_var
+        if running_mean is None or running_var is None:  # batch statistics even in eval mode: nothing to fold
             continue
-        conv, bn = mods[prev.target], mods[node.target]
+        conv_node = nodes[unit.node.name]
+        bn_node = nodes[next(iter(unit.node.users)).name]  # a unit's BN is its layer's sole consumer
         gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(bn.num_features).double()
         beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(bn.num_features).double()
-        a = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
+        a = gamma / torch.sqrt(running_var.double() + bn.eps)
         b0 = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(a)
         with torch.no_grad():
             conv.weight.copy_((conv.weight.double() * a.reshape(-1, 1, 1, 1)).float())
-            conv.bias = nn.Parameter((beta + (b0 - bn.running_mean.double()) * a).float())
-        factor[prev.target] = a
-        node.replace_all_uses_with(prev)
-        gm.graph.erase_node(node)
+            conv.bias = nn.Parameter((beta + (b0 - running_mean.double()) * a).float())
+        factor[name] = a
+        bn_node.replace_all_uses_with(conv_node)
+        gm.graph.erase_node(bn_node)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -123,11 +136,11 @@ def _fold_bn(mp: MixedPrecisionModel) -> tuple[nn.Module, dict[str, torch.Tensor
 
 
 def _int_weights(mp: MixedPrecisionModel, folded: nn.Module, factor: dict[str, torch.Tensor],
-                 notes: list[str]) -> dict[str, tuple]:
+                 notes: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Integer weights (codes with |scale|) per layer, and the exact float weights written into ``folded``."""
     mods = dict(mp.module.named_modules())
     fmods = dict(folded.named_modules())
-    out = {}
+    out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
     for fqn, q in mp.layers.items():
         w_mod = mods[fqn].weight.detach().float()
         if not torch.allclose(w_mod, q.weight(), rtol=1e-5, atol=1e-7):
@@ -155,7 +168,8 @@ def _int_weights(mp: MixedPrecisionModel, folded: nn.Module, factor: dict[str, t
     return out
 
 
-def base_onnx_from_mp(mp: MixedPrecisionModel, input_shape: tuple[int, int, int], opset: int = DEFAULT_OPSET) -> _Base:
+def base_onnx_from_mp(mp: MixedPrecisionModel, input_shape: tuple[int, int, int],
+                      opset: int = DEFAULT_OPSET) -> OnnxBase:
     """Trace ``mp`` once into an FP32 ONNX model (BN folded); the variants are derived from it.
 
     Args:
@@ -172,10 +186,12 @@ def base_onnx_from_mp(mp: MixedPrecisionModel, input_shape: tuple[int, int, int]
     x = torch.zeros((2, *input_shape))
     buf = io.BytesIO()
     # torch >= 2.5 has the dynamo exporter (the default from 2.9); the TorchScript one works offline and keeps names
-    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    legacy: dict[str, Any] = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
-        torch.onnx.export(folded, (x,), buf, **legacy, opset_version=min(opset, _TORCH_MAX_OPSET),
+        # a file object is valid for the TorchScript exporter, but not in torch's stubs
+        torch.onnx.export(folded, (x,), buf, **legacy,  # type: ignore[arg-type]
+                          opset_version=min(opset, _TORCH_MAX_OPSET),
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True,
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           training=torch.onnx.TrainingMode.EVAL)
@@ -186,14 +202,14 @@ def base_onnx_from_mp(mp: MixedPrecisionModel, input_shape: tuple[int, int, int]
             if imp.domain in ("", "ai.onnx"):
                 imp.version = opset
     inits = {i.name: i for i in model.graph.initializer}
-    weights = {}
+    weights: dict[str, QuantizedWeight] = {}
     fmods = dict(folded.named_modules())
     for fqn, (q, s, ins) in ints.items():
         name, axis = f"{fqn}.weight", 0
         if name not in inits:
             name, axis = find_initializer(onnx, inits, fmods[fqn].weight.detach().numpy(), fqn)
-        weights[fqn] = (name, axis, q, s, ins)
-    return _Base(model, weights, mp, notes)
+        weights[fqn] = QuantizedWeight(name, axis, q, s, ins)
+    return OnnxBase(model, weights, mp, notes)
 
 
 def _drop_initializer_identities(model) -> None:
@@ -223,15 +239,16 @@ def _ranges(mp: MixedPrecisionModel, input_range, notes: list[str]) -> tuple[dic
             input_range = input_range_from_normalization(spec.mean, spec.std)
         else:
             notes.append(f"w8a8: input normalisation of '{mp.arch}' unknown; input range assumed N(0, 1) +- k")
+    graph = mp.analysis().graph  # traced once per model; the ranges walk it on mp.module's modules
     try:
-        return (estimate_act_ranges(mp.module, input_range=input_range),
-                estimate_output_ranges(mp.module, input_range=input_range))
+        return (estimate_act_ranges(mp.module, input_range=input_range, graph=graph),
+                estimate_output_ranges(mp.module, input_range=input_range, graph=graph))
     except ValueError as err:
         raise DfmpcError(f"w8a8: {err}") from err
 
 
-def variant_from_base(base: _Base, variant: str, int4: bool = False, ranges: tuple[dict, dict] | None = None,
-                      input_range=None) -> tuple[object, list[str]]:
+def variant_from_base(base: OnnxBase, variant: str, int4: bool = False, ranges: tuple[dict, dict] | None = None,
+                      input_range=None) -> tuple[Any, list[str]]:
     """Derive one variant (see module docstring) from :func:`base_onnx_from_mp`'s model.
 
     Args:
@@ -260,7 +277,7 @@ def variant_from_base(base: _Base, variant: str, int4: bool = False, ranges: tup
         if int4 and variant != "wdq":
             notes.append(f"{variant}: INT8 weights everywhere (int4 applies to wdq only: TensorRT-RTX 1.7.1 rejects "
                          f"INT4 weights with INT8 activations, Myelin CHECK(dtype == W.type()))")
-        Rewriter(onnx, model, notes).quantize(base, variant, int4 and variant == "wdq", ranges)
+        Rewriter(onnx, model, notes).quantize(base.weights, variant, int4 and variant == "wdq", ranges)
     model.producer_name = "dfmpc-deploy"
     meta = {"dfmpc.variant": variant, "dfmpc.arch": base.mp.arch, "dfmpc.notes": json.dumps(notes)}
     for k, v in meta.items():
@@ -274,7 +291,7 @@ def variant_from_base(base: _Base, variant: str, int4: bool = False, ranges: tup
 
 def onnx_from_mp(mp: MixedPrecisionModel, input_shape: tuple[int, int, int], variant: str,
                  opset: int = DEFAULT_OPSET, int4: bool = False, ranges: tuple[dict, dict] | None = None,
-                 input_range=None) -> tuple[object, list[str]]:
+                 input_range=None) -> tuple[Any, list[str]]:
     """In-memory export of one variant: ``(onnx.ModelProto, notes)``. Arguments as in :func:`export_onnx`."""
     return variant_from_base(base_onnx_from_mp(mp, input_shape, opset), variant, int4, ranges, input_range)
 

@@ -5,18 +5,34 @@ the caller).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import DfmpcError
 
-if TYPE_CHECKING:
-    from .onnx_export import _Base
-
-__all__ = ["Rewriter", "to_fp16", "find_initializer"]
+__all__ = ["QuantizedWeight", "Rewriter", "to_fp16", "find_initializer", "INPUT_NAME", "OUTPUT_NAME"]
 
 INPUT_NAME, OUTPUT_NAME = "input", "output"
+
+
+class QuantizedWeight(NamedTuple):
+    """One quantized Conv/Gemm weight as the rewrite stores it.
+
+    Attributes:
+        name: the float initializer it replaces in the traced graph.
+        axis: its output-channel axis there (0, or 1 for a transposed MatMul weight).
+        codes: int8 integer codes, weight-shaped (sign-flipped per channel where the folded scale was negative).
+        scale: (out,) float32 per-output-channel scale (> 0).
+        in_scale: (in,) float32 compensation scale on the layer's input (DF-MPC Eq. 7), or None.
+    """
+
+    name: str
+    axis: int
+    codes: np.ndarray
+    scale: np.ndarray
+    in_scale: np.ndarray | None
 
 
 def find_initializer(onnx, inits: dict, w: np.ndarray, fqn: str) -> tuple[str, int]:
@@ -57,11 +73,20 @@ class Rewriter:
     def consumers(self, name: str) -> list[int]:
         return [i for i, n in enumerate(self.g.node) if name in n.input]
 
-    def quantize(self, base: _Base, variant: str, int4: bool, ranges) -> None:
+    def quantize(self, weights: Mapping[str, QuantizedWeight], variant: str, int4: bool, ranges) -> None:
+        """Rewrite the graph into ``variant`` (``wdq``, ``w8a8`` or ``w8a8_ort``; see export_onnx.py).
+
+        Args:
+            weights: ``{fqn: QuantizedWeight}`` for every quantized layer.
+            variant: the target form.
+            int4: store codes that fit [-8, 7] as INT4.
+            ranges: ``(input ranges, output ranges)``, ``{fqn: calib_free.ranges.ActRange}`` each, or None.
+        """
         ort_style = variant == "w8a8_ort"
         in_r, out_r = ranges if ranges is not None else ({}, {})
-        uses, missing = [], []
-        for fqn, (name, axis, q, s, ins) in base.weights.items():
+        uses: list[tuple[int, str, np.ndarray, np.ndarray | None]] = []
+        missing: list[str] = []
+        for fqn, (name, axis, q, s, ins) in weights.items():
             cons = self.consumers(name)
             if not cons:
                 raise DfmpcError(f"layer '{fqn}': initializer '{name}' has no consumer in the exported graph")

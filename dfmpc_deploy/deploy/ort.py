@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -69,17 +69,21 @@ def _as_session(model, threads: int | None):
 
 
 def run_session(model, images: torch.Tensor | np.ndarray, batch_size: int = 250,
-                threads: int | None = None) -> np.ndarray:
+                threads: int | None = None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Logits (N, classes) float32 of ``images`` (N, C, H, W) float32, in batches.
 
     Args:
         model: a ``.onnx`` path or an InferenceSession.
+        progress: ``progress(done, total)`` in images, after each batch.
     """
     sess = _as_session(model, threads)
     x = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32)})[0]
-            for i in range(0, len(x), batch_size)]
+    outs = []
+    for i in range(0, len(x), batch_size):
+        outs.append(sess.run(None, {name: np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32)})[0])
+        if progress is not None:
+            progress(min(i + batch_size, len(x)), len(x))
     return np.concatenate(outs).astype(np.float32)
 
 
@@ -96,13 +100,17 @@ def parity(model, reference: nn.Module, inputs: torch.Tensor, threads: int | Non
             "top1_agreement": float((y.argmax(1) == ref.argmax(1)).mean()), "n": int(len(inputs))}
 
 
-def accuracy(model, dataset, batch_size: int = 250, threads: int | None = None) -> dict:
+def accuracy(model, dataset, batch_size: int = 250, threads: int | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict:
     """Top-1 / top-5 (percent) of an ONNX model on a :class:`dfmpc_deploy.data.Dataset`.
+
+    Args:
+        progress: ``progress(done, total)`` in images, after each batch.
 
     Returns:
         ``{"top1": float, "top5": float, "n": int}`` (same keys as :func:`dfmpc_deploy.evaluate.accuracy`).
     """
-    out = torch.from_numpy(run_session(model, dataset.images, batch_size, threads))
+    out = torch.from_numpy(run_session(model, dataset.images, batch_size, threads, progress))
     k = min(5, out.shape[1])
     hit = out.topk(k, dim=1).indices == dataset.labels[:, None]
     return {"top1": round(100.0 * hit[:, 0].float().mean().item(), 2),
@@ -118,7 +126,8 @@ def percentiles_ms(times_s: Sequence[float]) -> dict:
 
 def compare_latency(models: Mapping[str, object], input_shape: tuple[int, ...], batch_sizes=(1, 8, 32),
                     threads: int | None = None, warmup_s: float = 0.2, min_iters: int = 10,
-                    min_seconds: float = 1.0, seed: int = 0) -> dict:
+                    min_seconds: float = 1.0, seed: int = 0,
+                    progress: Callable[[float, int], None] | None = None) -> dict:
     """Latency of several ONNX models side by side (runs interleaved round-robin per batch size).
 
     Args:
@@ -130,6 +139,9 @@ def compare_latency(models: Mapping[str, object], input_shape: tuple[int, ...], 
         min_iters, min_seconds: each model gets at least ``min_iters`` timed runs, and timing goes on until
             ``min_seconds`` of wall time have passed for the batch size.
         seed: seed of the random input.
+        progress: ``progress(done, total)`` in batch sizes, after each round of timed runs: ``done`` counts the
+            batch sizes finished plus the fraction of the current one (the lesser of its share of ``min_iters``
+            and of ``min_seconds``, the two conditions that end it).
 
     Returns:
         ``{label: {str(batch): {"p50", "p90", "p99", "mean", "iters"}}, ...}`` plus ``"threads": int``.
@@ -138,7 +150,7 @@ def compare_latency(models: Mapping[str, object], input_shape: tuple[int, ...], 
     sessions = {k: _as_session(m, threads) for k, m in models.items()}
     rng = np.random.default_rng(seed)
     res: dict = {k: {} for k in sessions}
-    for bs in batch_sizes:
+    for i_bs, bs in enumerate(batch_sizes):
         x = rng.standard_normal((bs, *input_shape), dtype=np.float32)
         feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
         for k, s in sessions.items():
@@ -153,6 +165,11 @@ def compare_latency(models: Mapping[str, object], input_shape: tuple[int, ...], 
                 t = time.perf_counter()
                 s.run(None, feeds[k])
                 times[k].append(time.perf_counter() - t)
+            if progress is not None:
+                share = min(len(v) for v in times.values()) / max(min_iters, 1)
+                if min_seconds > 0:
+                    share = min(share, (time.perf_counter() - t0) / min_seconds)
+                progress(i_bs + 1 if share >= 1 else round(i_bs + share, 2), len(batch_sizes))
         for k in sessions:
             res[k][str(bs)] = percentiles_ms(times[k])
         log.info("ort latency bs=%d: %s", bs, ", ".join(f"{k} p50 {res[k][str(bs)]['p50']:.2f} ms" for k in sessions))

@@ -10,22 +10,23 @@ import copy
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .._deps import available
+from ..core.progress import Progress
 from ..core.state import MixedPrecisionModel
 from ..errors import DfmpcError, MissingDependencyError, UsageError
+from .onnx_export import VARIANTS, export_variants
 
-__all__ = ["TARGETS", "ONNX_VARIANTS", "TRT_VARIANTS", "ORT_VARIANTS", "run_targets", "torch_cuda_latency"]
+__all__ = ["TARGETS", "TRT_VARIANTS", "ORT_VARIANTS", "run_targets", "torch_cuda_latency"]
 
 log = logging.getLogger("dfmpc_deploy")
 
 TARGETS = ("onnx", "ort", "trt", "torch-cuda")
-ONNX_VARIANTS = ("fp32", "fp16", "wdq", "w8a8", "w8a8_ort")
 ORT_VARIANTS = ("fp32", "wdq", "w8a8", "w8a8_ort")  # timed on the CPU (fp16 has no fast CPU kernels)
 TRT_VARIANTS = ("fp16", "wdq", "w8a8")  # the forms TensorRT accepts (symmetric, zero-point 0)
 #: Parity tolerance per variant: max |onnx - torch| <= rtol * max |torch| + atol (w8a8*: judged by top-1 instead).
@@ -73,7 +74,7 @@ def torch_cuda_latency(module: nn.Module, input_shape: tuple[int, int, int], bat
             for _ in range(3):  # cudnn autotune and allocator warm-up outside the capture
                 model(x)
         stream.synchronize()
-        launch = functools.partial(model, x)
+        launch: Callable[[], object] = functools.partial(model, x)
         if cuda_graph:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream):
@@ -92,9 +93,9 @@ def _parity_ok(variant: str, p: dict) -> bool | None:
 
 def run_targets(mp: MixedPrecisionModel, fp_model: nn.Module | None, input_shape: tuple[int, int, int],
                 targets: Sequence[str], out_dir, dataset=None, batch_sizes: Sequence[int] = (1, 8, 32),
-                progress: Callable[[str], None] | None = None, *, threads: int | None = None,
+                progress: Progress | None = None, *, threads: int | None = None,
                 min_iters: int = 10, min_seconds: float = 1.0, strip_weights: bool = True,
-                opset: int = 17, int4: bool = False) -> dict:
+                opset: int = 17, int4: bool = False, known_accuracy: Mapping[str, dict] | None = None) -> dict:
     """Export, run and time ``mp`` on the requested targets.
 
     Args:
@@ -105,13 +106,16 @@ def run_targets(mp: MixedPrecisionModel, fp_model: nn.Module | None, input_shape
         out_dir: directory for ``model_{fp32,fp16,wdq,w8a8,w8a8_ort}.onnx`` and ``engine_{fp16,wdq,w8a8}.plan``.
         dataset: a :class:`dfmpc_deploy.data.Dataset` for ORT top-1 (``ort`` target) and for parity inputs.
         batch_sizes: batch sizes for every latency table (the engines' max batch is their maximum).
-        progress: optional ``callable(message)`` called at each step.
+        progress: a :class:`~dfmpc_deploy.core.progress.Progress`: ``say`` for the steps without counts (export,
+            engine builds), a ``task`` row with time left for the parity, ORT timing and top-1 loops.
         threads: ORT intra-op threads (default: the CPUs available to the process).
         min_iters, min_seconds: ORT timing budget per model and batch size (GPU timing follows trtexec: >= 10
             iterations and >= 3 s).
         strip_weights: try a weight-stripped + refit engine for ``wdq`` (falls back to a full plan, noted).
         opset: ONNX opset (raised to 21 when ``int4``).
         int4: store ternary (and 3-bit) layers of ``model_wdq.onnx`` as INT4.
+        known_accuracy: ``{"torch_fp32": ..., "torch_fakequant": ...}`` the caller measured on ``dataset`` already
+            (reused instead of evaluating the same models twice).
 
     Returns:
         A dict (all keys always present, empty when not measured)::
@@ -139,12 +143,10 @@ def run_targets(mp: MixedPrecisionModel, fp_model: nn.Module | None, input_shape
     Raises:
         UsageError: unknown target. DfmpcError: ``torch-cuda`` requested without a CUDA device.
     """
-    from .onnx_export import export_variants
-
     targets = _check(targets)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    say = progress or (lambda msg: None)
+    progress = progress or Progress(enabled=False)
     t0 = time.perf_counter()
     log.info("run_targets: %s for %s into %s", ", ".join(targets), mp.arch, out_dir)
     rep: dict = {"targets": targets, "artifacts": {}, "size_bytes": {}, "latency_ms": {}, "speedup": {},
@@ -155,8 +157,8 @@ def run_targets(mp: MixedPrecisionModel, fp_model: nn.Module | None, input_shape
 
     exports = {}
     if {"onnx", "ort", "trt"} & set(targets):
-        say("exporting ONNX (fp32, fp16, wdq, w8a8, w8a8_ort)")
-        exports = export_variants(mp, out_dir, input_shape, ONNX_VARIANTS, opset=max(opset, 21) if int4 else opset,
+        progress.say(f"exporting ONNX ({', '.join(VARIANTS)})")
+        exports = export_variants(mp, out_dir, input_shape, VARIANTS, opset=max(opset, 21) if int4 else opset,
                                   int4=int4)
         for v, e in exports.items():
             rep["artifacts"][f"onnx_{v}"] = str(e.path)
@@ -165,9 +167,10 @@ def run_targets(mp: MixedPrecisionModel, fp_model: nn.Module | None, input_shape
         if available("onnxruntime"):
             from . import ort
 
-            say("checking ONNX Runtime parity")
-            for v, e in exports.items():
+            update = progress.task(f"ONNX Runtime parity ({len(x_par)} inputs)")
+            for i, (v, e) in enumerate(exports.items()):
                 p = ort.parity(e.path, mp.module, x_par, threads)
+                update(i + 1, len(exports))
                 p["ok"] = _parity_ok(v, p)
                 rep["parity"][f"onnx_{v}"] = p
                 if p["ok"] is False:
@@ -182,11 +185,12 @@ def run_targets(mp: MixedPrecisionModel, fp_model: nn.Module | None, input_shape
 
     if "ort" in targets:
         _ort_target(rep, mp, fp_model, exports, input_shape, dataset, batch_sizes, threads, min_iters, min_seconds,
-                    say)
+                    known_accuracy or {},
+                    progress)
     if "trt" in targets:
-        _trt_target(rep, mp, exports, input_shape, x_par, batch_sizes, out_dir, strip_weights, say)
+        _trt_target(rep, mp, exports, input_shape, x_par, batch_sizes, out_dir, strip_weights, progress)
     if "torch-cuda" in targets:
-        say("timing PyTorch on CUDA (fp16, eager and CUDA graph)")
+        progress.say("timing PyTorch on CUDA (fp16, eager and CUDA graph)")
         rep["latency_ms"]["torch-cuda"] = {
             "eager_fp16": torch_cuda_latency(mp.module, input_shape, batch_sizes, cuda_graph=False),
             "cudagraph_fp16": torch_cuda_latency(mp.module, input_shape, batch_sizes, cuda_graph=True)}
@@ -195,16 +199,17 @@ def run_targets(mp: MixedPrecisionModel, fp_model: nn.Module | None, input_shape
 
 
 def _ort_target(rep, mp, fp_model, exports, input_shape, dataset, batch_sizes, threads, min_iters, min_seconds,
-                say) -> None:
+                known: Mapping[str, dict], progress: Progress) -> None:
     if not available("onnxruntime"):
         rep["latency_ms"]["ort"] = "skipped: onnxruntime not installed"
         rep["notes"].append("ort: skipped, onnxruntime not installed (pip install 'dfmpc-deploy[ort]')")
         return
     from . import ort
 
-    say(f"timing ONNX Runtime CPU ({', '.join(ORT_VARIANTS)}) at batch {', '.join(map(str, batch_sizes))}")
+    update = progress.task(f"ONNX Runtime latency ({', '.join(ORT_VARIANTS)}; batch "
+                           f"{', '.join(map(str, batch_sizes))})")
     lat = ort.compare_latency({v: exports[v].path for v in ORT_VARIANTS}, input_shape, batch_sizes, threads,
-                              min_iters=min_iters, min_seconds=min_seconds)
+                              min_iters=min_iters, min_seconds=min_seconds, progress=update)
     rep["threads"]["ort"] = lat.pop("threads")
     rep["latency_ms"]["ort"] = lat
     rep["speedup"]["ort"] = {v: {b: round(lat["fp32"][b]["p50"] / lat[v][b]["p50"], 3) for b in lat[v]}
@@ -215,15 +220,22 @@ def _ort_target(rep, mp, fp_model, exports, input_shape, dataset, batch_sizes, t
         return
     from ..zoo.evaluate import accuracy as torch_accuracy
 
-    say(f"top-1 on {dataset.name} ({len(dataset.labels)} images)")
-    if fp_model is not None:
-        rep["accuracy"]["torch_fp32"] = torch_accuracy(fp_model, dataset)
-    rep["accuracy"]["torch_fakequant"] = torch_accuracy(mp.module, dataset)
+    graph = mp.analysis().graph  # the architecture's one trace also serves the FP32 model
+    if "torch_fp32" in known:  # the caller has evaluated these on the same images already
+        rep["accuracy"]["torch_fp32"] = dict(known["torch_fp32"])
+    elif fp_model is not None:
+        rep["accuracy"]["torch_fp32"] = torch_accuracy(fp_model, dataset, progress=progress.task("top-1 torch fp32"),
+                                                       graph=graph)
+    rep["accuracy"]["torch_fakequant"] = (dict(known["torch_fakequant"]) if "torch_fakequant" in known else
+                                          torch_accuracy(mp.module, dataset, graph=graph,
+                                                         progress=progress.task("top-1 torch fake-quant")))
     for v, e in exports.items():
-        rep["accuracy"][f"onnx_{v}"] = ort.accuracy(e.path, dataset, threads=threads)
+        rep["accuracy"][f"onnx_{v}"] = ort.accuracy(e.path, dataset, threads=threads,
+                                                    progress=progress.task(f"top-1 onnx {v}"))
 
 
-def _trt_target(rep, mp, exports, input_shape, x_par, batch_sizes, out_dir, strip_weights, say) -> None:
+def _trt_target(rep, mp, exports, input_shape, x_par, batch_sizes, out_dir, strip_weights,
+                progress: Progress) -> None:
     from . import trt
 
     name = trt.backend_name()
@@ -234,7 +246,7 @@ def _trt_target(rep, mp, exports, input_shape, x_par, batch_sizes, out_dir, stri
         return
     builds, sizes = {}, {}
     for v in TRT_VARIANTS:
-        say(f"building TensorRT engine from model_{v}.onnx")
+        progress.say(f"building TensorRT engine from model_{v}.onnx")
         try:
             art = trt.build_engine(exports[v].path, out_dir / f"engine_{v}.plan", v, max(batch_sizes),
                                    strip_weights=strip_weights and v == "wdq")
@@ -259,7 +271,7 @@ def _trt_target(rep, mp, exports, input_shape, x_par, batch_sizes, out_dir, stri
         return
     lat = {}
     for v, art in builds.items():
-        say(f"timing TensorRT engine {v} on the GPU")
+        progress.say(f"timing TensorRT engine {v} on the GPU")
         try:
             with trt.TrtRunner(art.path, refit_onnx=art.onnx_path if art.stripped else None) as r:
                 y = r.infer(x_par.cuda()).float().cpu()

@@ -1,7 +1,7 @@
 """TensorRT engines from the Q/DQ ONNX files (the only module that imports tensorrt).
 
 Backend: ``tensorrt`` when importable (full TensorRT: needs a GPU to build), else ``tensorrt_rtx`` (TensorRT-RTX: builds
-"CPU-only AOT" plans with no GPU; runs on RTX/Ampere+ cards, not on Hopper - see shared/design/TENSORRT.md), else
+"CPU-only AOT" plans with no GPU; runs on RTX/Ampere+ cards, not on Hopper), else
 :class:`~dfmpc_deploy.errors.MissingDependencyError`; callers keep the ONNX files in that case.
 
 Networks are created with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``: precisions come from the ONNX (INT8/INT4
@@ -13,14 +13,24 @@ check), in which case the full plan is built and the :class:`EngineArtifact` not
 Timing (:func:`cuda_latency_ms`, used by :class:`TrtRunner` and the torch-cuda target) follows trtexec: warm-up
 >= 200 ms, then >= 10 iterations and >= 3 s, a CUDA event pair around each launch on one stream, optional CUDA graph
 replay, no host<->device copies in the timed region; p50/p90/p99/mean in ms.
+
+Messages: TensorRT's own (its ``ILogger`` warnings and errors, and what its native code prints straight to file
+descriptor 2, such as TensorRT-RTX's "Internal Error: MyelinCheckException ..." when a weight-stripped build cannot
+run without CUDA) go to the ``dfmpc_deploy`` logger at INFO, so the terminal shows them only with ``--verbose``;
+what they change (a fallback, a failed build) is in the artifact's notes and the raised errors.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,25 +98,59 @@ class EngineArtifact:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _logger(trt):
+def _logger(trt: Any) -> Any:
     class _Collect(trt.ILogger):
-        """Keeps errors for the exception message; forwards warnings and worse to our logger."""
+        """Keeps errors for the exception message; passes warnings and worse to our logger at INFO (held while
+        :func:`_native_stderr_to_log` captures file descriptor 2, where our log handler may write too)."""
 
-        def __init__(self):
+        def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
+            self.held: list[str] | None = None
 
-        def log(self, severity, msg):
+        def log(self, severity: Any, msg: str) -> None:
             if severity <= trt.ILogger.ERROR:
                 self.errors.append(str(msg))
-                log.debug("tensorrt: %s", msg)
-            elif severity <= trt.ILogger.WARNING:
-                log.debug("tensorrt: %s", msg)
+            if severity <= trt.ILogger.WARNING:
+                if self.held is not None:
+                    self.held.append(str(msg))
+                else:
+                    log.info("tensorrt: %s", str(msg).strip())
 
     return _Collect()
 
 
-def _build(trt, onnx_path: Path, max_batch: int, strip: bool, logger) -> bytes | None:
+@contextlib.contextmanager
+def _native_stderr_to_log(logger: Any) -> Iterator[None]:
+    """Capture file descriptor 2 while TensorRT runs (module docstring, Messages); then log the captured lines and
+    the ``logger``'s held messages at INFO. The terminal is not affected otherwise: :class:`Progress` draws on its
+    own copy of the descriptor, and our logging does not run during the capture (the messages are held)."""
+    if sys.stderr is not None:  # None under pythonw
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2 (a detached process): nothing can reach the terminal
+        saved = -1
+    with tempfile.TemporaryFile() as captured:
+        if saved >= 0:
+            os.dup2(captured.fileno(), 2)
+        logger.held = []
+        try:
+            yield
+        finally:
+            if saved >= 0:
+                os.dup2(saved, 2)
+                os.close(saved)
+            held, logger.held = logger.held, None
+            for msg in held:
+                log.info("tensorrt: %s", msg.strip())
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    log.info("tensorrt (stderr): %s", line.strip())
+
+
+def _build(trt: Any, onnx_path: Path, max_batch: int, strip: bool, logger: Any) -> bytes | None:
     builder = trt.Builder(logger)
     if builder is None:  # full TensorRT without a usable GPU
         raise DfmpcError(f"{trt.__name__} could not create a builder: {'; '.join(logger.errors[-2:]) or 'no GPU?'}")
@@ -128,7 +172,8 @@ def _build(trt, onnx_path: Path, max_batch: int, strip: bool, logger) -> bytes |
         config.set_flag(trt.BuilderFlag.STRIP_PLAN)
         config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
     try:
-        plan = builder.build_serialized_network(network, config)
+        with _native_stderr_to_log(logger):
+            plan = builder.build_serialized_network(network, config)
     except RuntimeError as err:  # some versions raise instead of returning None
         logger.errors.append(str(err))
         plan = None
@@ -169,7 +214,7 @@ def build_engine(onnx_path, plan_path, precision: str | None = None, max_batch: 
             notes.append(f"weight-stripped build (STRIP_PLAN+REFIT_IDENTICAL) failed with {name}"
                          f"{' on a machine without CUDA' if not _cuda_ok() else ''}: {why.strip()[:200]}; "
                          f"built a full (non-stripped) plan instead")
-            log.warning("build_engine: %s", notes[-1])
+            log.info("build_engine: %s", notes[-1])  # the notes reach the report
             logger.errors.clear()
             t0 = time.perf_counter()
         else:
@@ -199,7 +244,7 @@ def require_cuda(what: str) -> None:
         raise DfmpcError(f"{what} needs an NVIDIA GPU: no CUDA device (torch.cuda.is_available() is False)")
 
 
-def cuda_latency_ms(launch: Callable[[], None], stream=None, warmup_ms: float = 200.0, min_iters: int = 10,
+def cuda_latency_ms(launch: Callable[[], object], stream=None, warmup_ms: float = 200.0, min_iters: int = 10,
                     min_seconds: float = 3.0) -> dict:
     """Time ``launch()`` (enqueues work on ``stream``) the way trtexec does, with CUDA events.
 
@@ -260,7 +305,11 @@ class TrtRunner:
                  cuda_graph: bool = True):
         self.plan_path = Path(plan_path)
         self.refit_onnx, self.refit_weights, self.cuda_graph = refit_onnx, refit_weights, cuda_graph
-        self.engine = self.context = self.stream = None
+        self.engine: Any = None
+        self.context: Any = None
+        self.stream: Any = None
+        self.input_name = ""
+        self.output_names: list[str] = []
 
     def __enter__(self) -> TrtRunner:
         require_cuda("running a TensorRT engine")

@@ -25,6 +25,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -107,22 +108,24 @@ def layer_sensitivity(model: nn.Module, names: Iterable[str], inputs: torch.Tens
         mods[n].weight.copy_(context[n])
     scores: dict[str, dict[int, float]] = {}
     for i, n in enumerate(names):
-        bn = mods.get(bn_after.get(n, ""))
-        saved = (bn.running_mean.clone(), bn.running_var.clone()) if isinstance(bn, nn.BatchNorm2d) else None
+        found = mods.get(bn_after.get(n, ""))
+        bn = found if isinstance(found, nn.BatchNorm2d) else None
+        saved = ((cast(torch.Tensor, bn.running_mean).clone(), cast(torch.Tensor, bn.running_var).clone())
+                 if bn is not None else None)
         scores[n] = {}
         for b in cands:
             mods[n].weight.copy_(quant(n, b) if b != context_bits else context[n])
             # Below the high width the pipeline re-estimates this BN on the inputs; normalising this one batch by
             # its own statistics (train mode) is that, up to the n/(n-1) of the unbiased running variance.
-            if saved is not None and b < context_bits:
+            if bn is not None and b < context_bits:
                 bn.train()
             try:
                 out = F.log_softmax(q(inputs).double(), dim=1)
             finally:
-                if saved is not None:
+                if bn is not None and saved is not None:
                     bn.eval()
-                    bn.running_mean.copy_(saved[0])
-                    bn.running_var.copy_(saved[1])
+                    cast(torch.Tensor, bn.running_mean).copy_(saved[0])
+                    cast(torch.Tensor, bn.running_var).copy_(saved[1])
             scores[n][b] = max(0.0, float(F.kl_div(out, ref, log_target=True, reduction="batchmean")))
         mods[n].weight.copy_(context[n])
         if progress is not None:
@@ -264,7 +267,7 @@ class Allocate(Pass):
                              "(default, data-free) or real")
         names = list(ctx.layers)
         cands = list(range(ctx.bits.low, ctx.bits.high + 1))
-        first = {n: q.role for n, q in ctx.layers.items()}
+        first = {n: Role(q.role) for n, q in ctx.layers.items()}
         progress = ctx.task("score layers")
         scores = layer_sensitivity(ctx.fp_model, names, ctx.inputs, cands, ctx.bits.high, ctx.graph.bn_after,
                                    ctx.per_channel, progress)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -166,7 +166,7 @@ class Recipe:
 
     name: str
     description: str
-    data_used: str
+    data_used: Literal["none", "synthetic", "real"]
     fine_tuning: bool
     passes: tuple[PassSpec, ...]
     without_statistics: str = "run"

@@ -29,6 +29,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,7 @@ def _ste_weights(targets: list[tuple[str, nn.Module, int]], per_channel: bool) -
     """Quantized weights of ``(fqn, module, bits)`` with a straight-through gradient to the latent float weights."""
     out = {}
     for name, mod, b in targets:
-        w = mod.weight
+        w = cast(torch.Tensor, mod.weight)
         q = dequantize(*quantize_weight(w.detach(), b, per_channel))
         out[f"{name}.weight"] = w + (q - w).detach()
     return out

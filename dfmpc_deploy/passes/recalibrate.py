@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -54,8 +54,8 @@ class _Walk(fx.Interpreter):
         if target in self.scope and isinstance(m, nn.BatchNorm2d):
             x = args[0]
             with torch.no_grad():
-                m.running_mean.copy_(x.mean(dim=(0, 2, 3)))
-                m.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=True))
+                cast(torch.Tensor, m.running_mean).copy_(x.mean(dim=(0, 2, 3)))
+                cast(torch.Tensor, m.running_var).copy_(x.var(dim=(0, 2, 3), unbiased=True))
                 if m.num_batches_tracked is not None:
                     m.num_batches_tracked.fill_(1)
             self._tick()
@@ -117,7 +117,7 @@ class Recalibrate(Pass):
         chosen: dict[str, float] = {}
         timing = {"hessian": 0.0, "rounding": 0.0}
 
-        def round_layer(name: str, m: nn.Module, x: torch.Tensor) -> None:
+        def round_layer(name: str, m: nn.Conv2d | nn.Linear, x: torch.Tensor) -> None:
             q = ctx.layers[name]
             t = time.perf_counter()
             h = input_second_moment(m, x, self.hessian_rows)
@@ -125,8 +125,8 @@ class Recalibrate(Pass):
             t = time.perf_counter()
             w = fp[name].weight.detach().flatten(1).to(x.device)
             mults = None if (self.grid_search and q.role == Role.LOW) else (1.0,)
-            codes, scale, mult = best_grid_codes(w, h, q.scale.to(x.device), q.bits, seed=ctx.seed,
-                                                 **({} if mults is None else {"multipliers": mults}))
+            grid: dict[str, Any] = {} if mults is None else {"multipliers": mults}
+            codes, scale, mult = best_grid_codes(w, h, q.scale.to(x.device), q.bits, seed=ctx.seed, **grid)
             q.codes = codes.reshape(q.codes.shape).to("cpu", q.codes.dtype)
             q.scale = scale.float().cpu()
             with torch.no_grad():

@@ -32,7 +32,7 @@ from torch import nn
 from ..core.state import MixedPrecisionModel
 from ..errors import DfmpcError
 from .allocate import Allocate
-from .base import PASS_CLASSES, Recipe, RecipeRun, run_recipe
+from .base import PASS_CLASSES, PassSpec, Recipe, RecipeRun, run_recipe
 from .calibrate import Calibrate
 from .equalize import BiasCorrect, Equalize
 from .finetune import Finetune
@@ -42,7 +42,7 @@ from .solve_c import SolveC
 
 __all__ = ["RECIPES", "get_recipe", "compensate", "fixed_pairing_bytes", "PASS_CLASSES", "RecipeRun"]
 
-_DFMPC = ((Quantize, {}), (Calibrate, {}), (Allocate, {}), (Recalibrate, {}), (SolveC, {}))
+_DFMPC: tuple[PassSpec, ...] = ((Quantize, {}), (Calibrate, {}), (Allocate, {}), (Recalibrate, {}), (SolveC, {}))
 
 #: name -> Recipe, in table order
 RECIPES: dict[str, Recipe] = {r.name: r for r in (

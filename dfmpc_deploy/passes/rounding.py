@@ -5,7 +5,7 @@ at a time and spreads each column's rounding error over the columns not yet quan
 the layer-input second moment ``H = E[x x^T]`` (im2col patches), which minimises ``||(W_q - W) x||^2`` far better
 than independent rounding at 2-3 bits. It is closed form: one Cholesky factor per layer, no training.
 
-Speed (the published algorithm's, issue 10):
+Speed:
 
 * **One factor per layer.** The update needs ``U``, the upper Cholesky factor of ``H^-1``. With ``J`` the order
   reversal, ``L = chol(J H J)`` gives ``U = J L^-1 J`` (``U^T U = J L^-T L^-1 J = H^-1``, upper, positive
@@ -25,6 +25,8 @@ The quantizer grid is the paper's: TWN levels {-alpha, 0, alpha} (Eqs. 3-4) and 
 the same scales as plain rounding (times the searched grid multiplier); only the choice of code per weight changes.
 """
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +162,7 @@ def input_second_moment(module: nn.Module, x: torch.Tensor, max_rows: int | None
     """``E[p p^T]`` (float32) over the im2col patches ``p`` that ``module`` (Conv2d with groups=1, or Linear) sees
     in ``x``; with ``max_rows`` a fixed, evenly spaced subset of at most that many patches is used."""
     if isinstance(module, nn.Conv2d):
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        cols = F.unfold(x, module.kernel_size, module.dilation, cast(tuple[int, ...], module.padding), module.stride)
         cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     else:
         cols = x.reshape(-1, x.shape[-1])

@@ -22,6 +22,7 @@ factor out: ``c_j * ||x_hat_j|| ||x_j|| / <x_hat_j, x_j>`` restricted to the wei
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -90,18 +91,19 @@ def eq22_loss(c, w, w_hat, gamma, beta, mu, sigma, mu_hat, sigma_hat, lambda1=0.
 def _fold_c_(p: Link, c: torch.Tensor, layers: dict[str, QuantLayer], mods: dict[str, nn.Module]) -> None:
     """Fold c where deployment wants it (D6); the integer codes are never touched."""
     if p.homogeneous and p.bn is not None:
-        bn = mods[p.bn]
+        bn = cast(nn.BatchNorm2d, mods[p.bn])
         bn.weight.mul_(c.to(bn.weight))
         bn.bias.mul_(c.to(bn.bias))
     elif p.homogeneous:
         low = layers[p.low]
         low.scale = (low.scale.double() * c).float()
-        mods[p.low].weight.copy_(low.weight())
-        if mods[p.low].bias is not None:
-            mods[p.low].bias.mul_(c.to(mods[p.low].bias))
+        low_conv = cast(nn.Conv2d, mods[p.low])
+        low_conv.weight.copy_(low.weight())
+        if low_conv.bias is not None:
+            low_conv.bias.mul_(c.to(low_conv.bias))
     else:
         high = layers[p.high]
-        conv = mods[p.high]
+        conv = cast(nn.Conv2d, mods[p.high])
         if conv.groups == conv.in_channels and conv.groups > 1:  # depthwise: input channel j is output j
             high.scale = (high.scale.double() * c).float()
         else:

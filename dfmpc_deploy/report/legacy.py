@@ -89,7 +89,7 @@ def report_from_v1(rep: Mapping[str, Any]) -> Report:
         info["estimator"] = rep["estimator"]
     seconds = timings.get("compensate", info.get("total_seconds", 0.0))
     recipe = Recipe(name=method, description=spec.description,
-                    data_used=spec.data_used,  # type: ignore[arg-type]  # a Literal, checked at construction
+                    data_used=spec.data_used,
                     fine_tuning=spec.fine_tuning,
                     passes=(_record(method, rep.get("config") or {}, seconds, info),))
     pre = rep.get("preprocessing") or {}

@@ -36,14 +36,16 @@ def auto_batch_size(images: torch.Tensor) -> int:
     return max(1, min(250, _PIXELS_PER_BATCH // max(hw, 1)))
 
 
-def inference_copy(model: nn.Module) -> nn.Module | None:
+def inference_copy(model: nn.Module, graph: fx.Graph | None = None) -> nn.Module | None:
     """An eval-mode copy of ``model`` with each conv -> BatchNorm pair folded into one conv, or None if untraceable.
 
     Only a BatchNorm2d in eval mode with running statistics whose input is a Conv2d output used by nothing else is
-    folded (then the conv's output exists only through the BN, so folding changes no other value).
+    folded (then the conv's output exists only through the BN, so folding changes no other value). ``graph``: the
+    architecture's traced fx graph when the caller has one (``GraphAnalysis.graph``), so the model is not traced again.
     """
     try:
-        gm = fx.symbolic_trace(copy.deepcopy(model).eval())
+        copied = copy.deepcopy(model).eval()
+        gm = fx.GraphModule(copied, copy.deepcopy(graph)) if graph is not None else fx.symbolic_trace(copied)
     except Exception as err:  # noqa: BLE001 - fx and deepcopy raise many types for dynamic models; eager still works
         log.debug("evaluating %s unfolded: %s", type(model).__name__, err)
         return None
@@ -69,7 +71,7 @@ def inference_copy(model: nn.Module) -> nn.Module | None:
 
 @torch.no_grad()
 def logits(model: nn.Module, images: torch.Tensor, batch_size: int | None = None,
-           progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+           progress: Callable[[int, int], None] | None = None, graph: fx.Graph | None = None) -> torch.Tensor:
     """Run ``model`` in eval mode over ``images`` in batches; returns (N, classes) float32 logits.
 
     4-D inputs run through :func:`inference_copy` in channels-last memory format (see the module docstring); a
@@ -78,7 +80,7 @@ def logits(model: nn.Module, images: torch.Tensor, batch_size: int | None = None
     model.eval()
     bs = batch_size or auto_batch_size(images)
     nhwc = images.dim() == 4
-    run = inference_copy(model) if nhwc else None
+    run = inference_copy(model, graph) if nhwc else None
     in_place = run is None
     if run is None:
         run = model
@@ -98,7 +100,7 @@ def logits(model: nn.Module, images: torch.Tensor, batch_size: int | None = None
 
 
 def accuracy(model: nn.Module, data: Dataset, batch_size: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             progress: Callable[[int, int], None] | None = None, graph: fx.Graph | None = None) -> dict:
     """Top-1 and top-5 in percent, with the number of images.
 
     Returns:
@@ -109,7 +111,7 @@ def accuracy(model: nn.Module, data: Dataset, batch_size: int | None = None,
     """
     if len(data.labels) == 0:
         raise DfmpcError(f"dataset '{data.name}' has no images to evaluate")
-    out = logits(model, data.images, batch_size, progress)
+    out = logits(model, data.images, batch_size, progress, graph)
     classes = out.shape[1]
     bad = (data.labels < 0) | (data.labels >= classes)
     if bool(bad.any()):

@@ -4,12 +4,15 @@ Engines are really built here when ``tensorrt_rtx`` is installed (its builder wo
 needs CUDA and is skipped otherwise.
 """
 
+import logging
+
 import pytest
 import torch
+import torch.fx
 
 from dfmpc_deploy.deploy import targets as targets_mod
 from dfmpc_deploy.deploy import trt
-from dfmpc_deploy.deploy.onnx_export import export_variants
+from dfmpc_deploy.deploy.onnx_export import VARIANTS, export_variants
 from dfmpc_deploy.errors import DfmpcError, MissingDependencyError, UsageError
 from dfmpc_deploy.passes.recipes import compensate
 from tests.conftest import example_inputs, make_tiny_net
@@ -80,17 +83,47 @@ def test_run_targets_rejects_bad_requests(tiny, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written before the request was checked
 
 
-def test_run_targets_onnx_and_ort_report(tiny, tmp_path):
+class _Recorder:
+    """Records what run_targets shows: say() messages and every task's (done, total) updates."""
+
+    def __init__(self):
+        self.said: list[str] = []
+        self.updates: dict[str, list[tuple[float, int]]] = {}
+
+    def say(self, message: str) -> None:
+        self.said.append(message)
+
+    def task(self, label: str):
+        self.updates[label] = []
+        return lambda done, total, *extra: self.updates[label].append((done, total))
+
+
+def test_run_targets_onnx_and_ort_report(tmp_path, monkeypatch):
+    """The whole onnx + ort flow from the FP32 model: one torch.fx trace, progress rows that finish, the report."""
     pytest.importorskip("onnxruntime")
     from dfmpc_deploy.zoo.data import Dataset
 
-    mp, _, _ = tiny
+    traced = []
+    real_trace = torch.fx.symbolic_trace
+    monkeypatch.setattr(torch.fx, "symbolic_trace", lambda m, *a, **k: traced.append(type(m).__name__)
+                        or real_trace(m, *a, **k))
+    net = make_tiny_net()
+    mp = compensate(net, SHAPE, **_cfg())
     x = example_inputs(24)
     data = Dataset("synthetic", x, torch.zeros(24, dtype=torch.int64))
-    rep = targets_mod.run_targets(mp, make_tiny_net(), SHAPE, ["onnx", "ort"], tmp_path, dataset=data,
+    prog = _Recorder()
+    rep = targets_mod.run_targets(mp, net, SHAPE, ["onnx", "ort"], tmp_path, dataset=data, progress=prog,
                                   batch_sizes=(1, 2), threads=1, min_iters=2, min_seconds=0.0)
+    assert traced == ["TinyNet"], f"traced {len(traced)} times: {traced}"
+    assert any(m.startswith("exporting ONNX") for m in prog.said)
+    assert any(label.startswith("ONNX Runtime latency") for label in prog.updates)
+    assert {"ONNX Runtime parity (24 inputs)", "top-1 torch fp32", "top-1 torch fake-quant",
+            *(f"top-1 onnx {v}" for v in VARIANTS)} <= set(prog.updates)
+    for label, ups in prog.updates.items():
+        assert ups and ups[-1][0] == ups[-1][1], f"{label}: last update {ups[-1:]} is not done == total"
+        assert all(a[0] <= b[0] for a, b in zip(ups, ups[1:])), f"{label}: progress went back {ups}"
     assert set(rep) >= {"size_bytes", "latency_ms", "accuracy", "parity", "engine", "notes", "speedup"}
-    assert {f"onnx_{v}" for v in targets_mod.ONNX_VARIANTS} <= set(rep["size_bytes"])
+    assert {f"onnx_{v}" for v in VARIANTS} <= set(rep["size_bytes"])
     assert set(rep["latency_ms"]["ort"]) == set(targets_mod.ORT_VARIANTS)
     assert set(rep["latency_ms"]["ort"]["w8a8_ort"]) == {"1", "2"}
     assert rep["threads"]["ort"] == 1
@@ -124,13 +157,23 @@ def test_trt_rejects_the_ort_form(tiny, tmp_path):
 
 @pytest.mark.trt
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback of TensorRT-RTX 1.7.1")
-def test_stripped_build_falls_back_to_a_full_plan_on_cpu(tiny, tmp_path):
+def test_stripped_build_falls_back_to_a_full_plan_on_cpu(tiny, tmp_path, capfd, caplog):
+    """The fallback is in the notes; TensorRT's own messages (also those its native code prints on descriptor 2)
+    reach the dfmpc_deploy logger at INFO, never the terminal."""
     _need_builder()
     _, res, _ = tiny
-    art = trt.build_engine(res["wdq"].path, tmp_path / "s.plan", strip_weights=True, max_batch=4)
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="dfmpc_deploy"):
+        art = trt.build_engine(res["wdq"].path, tmp_path / "s.plan", strip_weights=True, max_batch=4)
+    terminal = capfd.readouterr()
+    assert "Myelin" not in terminal.err + terminal.out and "Error" not in terminal.err, terminal.err
     assert art.path.is_file()
     if not art.stripped:  # TensorRT-RTX 1.7.1 needs CUDA for STRIP_PLAN/REFIT builds
         assert any("weight-stripped build" in n and "full (non-stripped) plan" in n for n in art.notes), art.notes
+        logged = [r for r in caplog.records if r.getMessage().startswith("tensorrt")]
+        assert any("MyelinCheckException" in r.getMessage() for r in logged), [r.getMessage() for r in logged]
+        assert all(r.levelno == logging.INFO for r in logged)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 @pytest.mark.trt

@@ -1,4 +1,4 @@
-"""Hostile --out values, concurrent builds and signals, through the real CLI and real processes (issue 12, class 5).
+"""Hostile --out values, concurrent builds and signals, through the real CLI and real processes.
 
 Each case: one line naming the bad value and the fix, exit 1, no traceback, no hang, no partial output, nothing run.
 """
