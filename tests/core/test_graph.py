@@ -23,7 +23,7 @@ EXPECTED = {
     "vgg16": (6, ("features.stage5.unit2.conv", "features.stage5.unit3.conv"), "features.stage1.unit1.conv"),
     "densenet121": (58, ("features.stage1.unit1.conv1.conv", "features.stage1.unit1.conv2.conv"),
                     "features.stage2.trans2.conv.conv"),
-    "mobilenetv2_w1": (19, ("features.stage2.unit2.conv2.conv", "features.stage2.unit2.conv3.conv"),
+    "mobilenetv2_w1": (18, ("features.stage2.unit2.conv2.conv", "features.stage2.unit2.conv3.conv"),
                        "features.init_block.conv"),
 }
 
