@@ -47,8 +47,8 @@ def cle_links(graph: GraphAnalysis, mods: dict[str, nn.Module]) -> list[Link]:
 
 def _in_ranges(b: nn.Module) -> torch.Tensor:
     """``max |W_b[:, j]|`` per input channel ``j`` (a depthwise filter ``j`` is input channel ``j``)."""
-    w = b.weight.detach().double()
-    return (w if _depthwise(b) else w.transpose(0, 1)).flatten(1).abs().amax(1)
+    w = b.weight.detach()
+    return (w if _depthwise(b) else w.transpose(0, 1)).flatten(1).abs().amax(1).double()  # max is exact in float32
 
 
 @torch.no_grad()
@@ -89,7 +89,7 @@ def cross_layer_equalize(model: nn.Module, graph: GraphAnalysis, max_passes: int
         worst = 0.0
         for lk in links:
             a, b = mods[lk.low], mods[lk.high]
-            r1 = a.weight.detach().double().flatten(1).abs().amax(1)
+            r1 = a.weight.detach().flatten(1).abs().amax(1).double()
             r2 = _in_ranges(b)
             ok = (r1 > 0) & (r2 > 0)
             s = torch.where(ok, torch.sqrt(r1 / torch.where(ok, r2, torch.ones_like(r2))), torch.ones_like(r1))

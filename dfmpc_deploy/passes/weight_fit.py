@@ -24,6 +24,8 @@ None of them reads data or statistics.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,14 +38,27 @@ from .base import Context, Pass, register_pass
 from .equalize import Equalize
 from .rounding import GRID_MULTIPLIERS, nearest_codes
 
-__all__ = ["EqualizeForGrid", "FitWeights", "CorrectBias", "fit_layer"]
+__all__ = ["EqualizeForGrid", "FitWeights", "CorrectBias", "fit_layer", "one_thread"]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread inside: for passes made of many small tensor operations. Each costs microseconds, and on a
+    busy machine waking a second OpenMP thread for it costs milliseconds (the real MobileNetV2 on the 2 shared
+    cores: ``dfmpc-weights`` in 1.1 s with one thread, 37 s with two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _weight_error(codes: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, rescaled: bool) -> float:
     """``||w - scale * codes||^2`` summed over the rows (``scale`` (rows,)), or with ``rescaled`` what is left after
     the best rescale of each row, ``||w||^2 - <q, w>^2 / ||q||^2``."""
     if not rescaled:
-        return float((w - codes * scale[:, None]).pow(2).sum())
+        return float((w - codes * scale[:, None]).pow(2).sum(dtype=torch.float64))
     qq, qw, ww = (codes * codes).sum(1), (codes * w).sum(1), (w * w).sum(1)
     return float((ww - torch.where(qq > 0, qw ** 2 / qq.clamp_min(1e-30), torch.zeros_like(qw))).sum())
 
@@ -66,9 +81,9 @@ def fit_layer(w: torch.Tensor, q: QuantLayer, fit_grid: bool = True, fit_c: bool
         (codes shaped like ``q.codes``, grid scale (out,), chosen multiplier, c (out,) float64 >= 0; channels with
         all-zero codes get c = 1).
     """
-    wf = w.detach().double().flatten(1)
-    base = q.scale.double()
-    codes = q.codes.double().flatten(1)
+    wf = w.detach().float().flatten(1)  # float32: codes are small integers, errors are only compared
+    base = q.scale.float()
+    codes = q.codes.float().flatten(1)
     best_m = 1.0
     if fit_grid:
         best = _weight_error(codes, base, wf, fit_c)  # m = 1: the quantize pass's own codes
@@ -79,10 +94,10 @@ def fit_layer(w: torch.Tensor, q: QuantLayer, fit_grid: bool = True, fit_c: bool
             err = _weight_error(cand, m * base, wf, fit_c)
             if err < best:
                 best, best_m, codes = err, m, cand
-    scale = base * best_m
+    scale = q.scale.double() * best_m
     c = torch.ones_like(scale)
     if fit_c:
-        qq, qw = (codes * codes).sum(1), (codes * wf).sum(1)
+        qq, qw = (codes * codes).sum(1, dtype=torch.float64), (codes.double() * wf.double()).sum(1)
         ok = (qq > 0) & (qw > 0)
         c = torch.where(ok, qw / (qq.clamp_min(1e-30) * scale), c)
     return codes.reshape(q.codes.shape).to(q.codes.dtype), scale.float(), best_m, c
@@ -106,7 +121,8 @@ class EqualizeForGrid(Equalize):
     def apply(self, ctx: Context) -> dict:
         if self.per_channel:
             return {"skipped": "per-channel grids (CLE serves per-tensor grids)"}
-        return super().apply(ctx)
+        with one_thread():
+            return super().apply(ctx)
 
 
 @register_pass
@@ -124,8 +140,11 @@ class FitWeights(Pass):
     fit_grid: bool = True
     fit_c: bool = False
 
-    @torch.no_grad()
     def apply(self, ctx: Context) -> dict:
+        with one_thread(), torch.no_grad():
+            return self._fit(ctx)
+
+    def _fit(self, ctx: Context) -> dict:
         fp_mods, q_mods = dict(ctx.fp_model.named_modules()), dict(ctx.model.named_modules())
         bn_after = ctx.graph.bn_after
         hist: dict[str, int] = {}
@@ -202,8 +221,11 @@ class CorrectBias(Pass):
         if self.windows not in ("coherent", "independent"):
             raise UsageError(f"bias_from_weights: windows={self.windows!r}, choose 'coherent' or 'independent'")
 
-    @torch.no_grad()
     def apply(self, ctx: Context) -> dict:
+        with one_thread(), torch.no_grad():
+            return self._correct(ctx)
+
+    def _correct(self, ctx: Context) -> dict:
         from calib_free.ranges import estimate_act_ranges
 
         fp_mods, q_mods = dict(ctx.fp_model.named_modules()), dict(ctx.model.named_modules())

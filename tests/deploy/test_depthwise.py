@@ -199,3 +199,22 @@ def test_tensorrt_engine_builds(exported, variant):
     _, res, out = exported
     art = trt.build_engine(res[variant].path, out / f"engine_{variant}.plan", variant, max_batch=4)
     assert art.path.is_file() and art.size_bytes == art.path.stat().st_size > 10_000
+
+
+def test_w8a8_of_a_model_without_statistics_takes_its_ranges_from_the_weights(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from dfmpc_deploy.deploy import ort
+    from dfmpc_deploy.deploy.onnx_export import export_variants
+
+    mp = compensate(tiny_ir(nn.ReLU, folded=True), SHAPE, "dfmpc", bits="6", arch="tiny-ir")
+    res = export_variants(mp, tmp_path, SHAPE, ("w8a8", "w8a8_ort"))
+    g = torch.Generator().manual_seed(3)  # smooth standardised inputs, like images
+    x = nn.functional.interpolate(torch.randn(64, 3, 4, 4, generator=g), scale_factor=4, mode="nearest")
+    x = (x - x.mean()) / x.std()
+    with torch.no_grad():
+        ref = mp.module(x)
+    for v, e in res.items():
+        assert any("ranges propagated from the weights" in n for n in e.notes), e.notes
+        y = torch.from_numpy(ort.run_session(e.path, x, threads=1))
+        sqnr = 10 * math.log10(float(ref.pow(2).sum() / (y - ref).pow(2).sum()))
+        assert sqnr >= 20, f"{v}: SQNR {sqnr:.1f} dB too low"
