@@ -29,6 +29,16 @@ Rules (per channel, each node carries ``mean``, ``std`` and a range ``[lo, hi]``
   ``var = sum W^2 std_in^2``), range ``mean -+ k std``. A flatten that mixes channels into features collapses the
   per-channel arrays into their envelope.
 
+**Models without statistics** (``statistics="propagate"``): when the BN layers carry identity statistics (BN folded
+into the convolutions before publication), the stored statistics describe nothing, so every BatchNorm is applied to
+the propagated moments as the affine map it is (``mean' = gamma (mean - mu)/sigma + beta``, ``std' = |gamma|/sigma
+std``) and the moments come from the weights alone, from a standardised N(0, 1) input (the normalisation constants
+are the training set's pixel mean and std). A convolution then sees each input channel as *locally constant* over
+its window (``var = sum_i (sum_k W_ik)^2 std_i^2``): natural images and the feature maps computed from them are
+smooth at the scale of a 3x3 window (neighbouring pixels correlate at about 0.9), which independent window entries
+(``sum W^2``) would ignore; 1x1 convolutions and Linear layers are the same under both. Input channels stay
+independent of each other.
+
 **Choice of k** (:func:`gaussian_clip_k`): for a quantizer with ``L = 2^(b-1) - 1`` levels per side and a Gaussian
 input, the expected error at clipping point ``alpha = k sigma`` is ``(alpha/L)^2/12 * P(|x| < alpha) +
 2[(1 + alpha^2) Q(alpha) - alpha phi(alpha)]`` (rounding noise plus clipping error, sigma = 1). The default ``k`` is the
@@ -51,7 +61,10 @@ from torch import nn
 from .graph import activation, is_passthrough, layer_units, modules_of, trace
 
 __all__ = ["ActRange", "estimate_act_ranges", "estimate_output_ranges", "gaussian_clip_k", "gaussian_clip_mse",
-           "input_range_from_normalization"]
+           "input_range_from_normalization", "STATISTICS"]
+
+#: where BatchNorm outputs are taken from: the stored statistics (``bn``), or the weights alone (``propagate``)
+STATISTICS = ("bn", "propagate")
 
 
 @dataclass(frozen=True)
@@ -143,8 +156,10 @@ def _act(fn, r: _R, k: float) -> _R:
     return _R(fg.min(1).values, fg.max(1).values, m, v.sqrt(), r.source + "+act")
 
 
-def _linear_moments(weight: torch.Tensor, bias: torch.Tensor | None, r: _R, k: float, groups: int = 1) -> _R:
-    """Moments of a conv/linear output with independent inputs (per input channel moments)."""
+def _linear_moments(weight: torch.Tensor, bias: torch.Tensor | None, r: _R, k: float, groups: int = 1,
+                    coherent: bool = False) -> _R:
+    """Moments of a conv/linear output with independent input channels; within a kernel window the entries are
+    independent too, or with ``coherent`` one value per window (module docstring, models without statistics)."""
     w = weight.detach().double()
     out, cin_g = w.shape[0], w.shape[1]
     w = w.reshape(out, cin_g, -1)
@@ -152,13 +167,11 @@ def _linear_moments(weight: torch.Tensor, bias: torch.Tensor | None, r: _R, k: f
     cin = cin_g * groups
     if mean_in.numel() != cin:
         mean_in, std_in = mean_in.mean().expand(cin), std_in.max().expand(cin)
-    go = out // groups
-    mean = torch.empty(out, dtype=torch.float64)
-    var = torch.empty(out, dtype=torch.float64)
-    for g in range(groups):
-        sl_o, sl_i = slice(g * go, (g + 1) * go), slice(g * cin_g, (g + 1) * cin_g)
-        mean[sl_o] = (w[sl_o].sum(2) * mean_in[sl_i]).sum(1)
-        var[sl_o] = ((w[sl_o] ** 2).sum(2) * std_in[sl_i] ** 2).sum(1)
+    # input channel read by (output o, group entry i): group o // (out / groups), entry i; one gather, no loop
+    idx = (torch.arange(out) // (out // groups))[:, None] * cin_g + torch.arange(cin_g)[None, :]
+    gain2 = w.sum(2) ** 2 if coherent else (w ** 2).sum(2)
+    mean = (w.sum(2) * mean_in[idx]).sum(1)
+    var = (gain2 * std_in[idx] ** 2).sum(1)
     if bias is not None:
         mean = mean + bias.detach().double()
     std = var.sqrt()
@@ -216,8 +229,12 @@ def _add(a, b, k: float) -> _R:
     return _R(mean - down, mean + up, mean, std, "add")
 
 
-def _walk(graph: fx.Graph, mods: dict[str, nn.Module], k: float, input_range) -> tuple[dict, dict[str, ActRange]]:
+def _walk(graph: fx.Graph, mods: dict[str, nn.Module], k: float, input_range, statistics: str = "bn",
+          coherent: bool = True) -> tuple[dict, dict[str, ActRange]]:
     """Propagate per-channel states through the graph: ``(state per node, {layer fqn: input ActRange})``."""
+    if statistics not in STATISTICS:
+        raise ValueError(f"statistics {statistics!r}: choose one of {', '.join(STATISTICS)}")
+    propagate = statistics == "propagate"
     first = next((m for m in mods.values() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
     c_in = first.in_channels if isinstance(first, nn.Conv2d) else (first.in_features if first is not None else 1)
     env: dict[fx.Node, object] = {}
@@ -237,12 +254,18 @@ def _walk(graph: fx.Graph, mods: dict[str, nn.Module], k: float, input_range) ->
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 if isinstance(x, _R):
                     out[node.target] = _as_range(x, k)
-                    r = _linear_moments(m.weight, m.bias, x, k, getattr(m, "groups", 1))
+                    r = _linear_moments(m.weight, m.bias, x, k, getattr(m, "groups", 1),
+                                        coherent=propagate and coherent)
             elif isinstance(m, nn.BatchNorm2d):
                 c = m.num_features
                 g = m.weight.detach().double() if m.weight is not None else torch.ones(c, dtype=torch.float64)
                 b = m.bias.detach().double() if m.bias is not None else torch.zeros(c, dtype=torch.float64)
-                r = _R(b - k * g.abs(), b + k * g.abs(), b.clone(), g.abs(), "bn")
+                if propagate and isinstance(x, _R) and m.running_mean is not None and m.running_var is not None:
+                    a = g / torch.sqrt(m.running_var.detach().double() + m.eps)
+                    mean, std = a * (x.mean - m.running_mean.detach().double()) + b, a.abs() * x.std
+                    r = _R(mean - k * std, mean + k * std, mean, std, "bn-affine")
+                else:
+                    r = _R(b - k * g.abs(), b + k * g.abs(), b.clone(), g.abs(), "bn")
             elif activation(node, mods) is not None and isinstance(x, _R):
                 r = _act(lambda t, m=m: m(t), x, k)
             elif is_passthrough(node, mods) and isinstance(x, _R):
@@ -286,7 +309,8 @@ def _as_range(r: _R, k: float) -> ActRange:
 
 @torch.no_grad()
 def estimate_act_ranges(model: nn.Module, k: float | None = None, input_range=None, bits: int = 8,
-                        graph: fx.Graph | None = None) -> dict[str, ActRange]:
+                        graph: fx.Graph | None = None, statistics: str = "bn",
+                        coherent: bool = True) -> dict[str, ActRange]:
     """Estimate the input range of every Conv2d / Linear of ``model`` without data (rules in the module docstring).
 
     Args:
@@ -297,13 +321,18 @@ def estimate_act_ranges(model: nn.Module, k: float | None = None, input_range=No
         bits: activation bit width the default ``k`` is optimised for.
         graph: ``model``'s fx graph when the caller has traced the architecture already (module names are resolved
             in ``model``); None traces it here.
+        statistics: ``bn`` (the stored BN statistics) or ``propagate`` (the weights alone, for models whose BN
+            layers carry no statistics; module docstring).
+        coherent: with ``propagate``, each input channel is locally constant over a kernel window (False:
+            independent window entries, as for BN-free convs with statistics).
 
     Returns:
         ``{fqn: ActRange}`` for each Conv2d/Linear whose input could be followed through the graph (layers behind an
         operation these rules do not cover are left out; the caller keeps those activations in float).
 
     Raises:
-        ValueError: if the model cannot be traced by torch.fx, or ``input_range`` is inverted.
+        ValueError: if the model cannot be traced by torch.fx, ``input_range`` is inverted, or ``statistics`` is
+            unknown.
 
     Example::
 
@@ -313,12 +342,14 @@ def estimate_act_ranges(model: nn.Module, k: float | None = None, input_range=No
         (['0', '3'], True)
     """
     k = gaussian_clip_k(bits) if k is None else float(k)
-    return _walk(graph if graph is not None else trace(model).graph, modules_of(model), k, input_range)[1]
+    return _walk(graph if graph is not None else trace(model).graph, modules_of(model), k, input_range,
+                 statistics, coherent)[1]
 
 
 @torch.no_grad()
 def estimate_output_ranges(model: nn.Module, k: float | None = None, input_range=None, bits: int = 8,
-                           graph: fx.Graph | None = None) -> dict[str, ActRange]:
+                           graph: fx.Graph | None = None, statistics: str = "bn",
+                           coherent: bool = True) -> dict[str, ActRange]:
     """Range of every Conv2d / Linear *output*, taken after the BatchNorm and the elementwise activation that follow
     it when each is the sole user of the previous value (``conv -> [BN] -> [act]``, the tensor an inference engine
     sees after folding BN and fusing the activation: :class:`calib_free.graph.LayerUnit`). ``source`` ends in
@@ -332,6 +363,6 @@ def estimate_output_ranges(model: nn.Module, k: float | None = None, input_range
     k = gaussian_clip_k(bits) if k is None else float(k)
     graph = graph if graph is not None else trace(model).graph
     mods = modules_of(model)
-    env, _ = _walk(graph, mods, k, input_range)
+    env, _ = _walk(graph, mods, k, input_range, statistics)
     return {name: _as_range(env[u.out], k) for name, u in layer_units(graph, mods).items()
             if isinstance(env.get(u.out), _R)}

@@ -6,11 +6,16 @@ units) and derives:
 * **units**: every Conv2d / Linear with the BatchNorm and activation that follow it (``layer -> [BN] -> [act]``);
 * **links**: ``a -> b`` when conv ``a``'s output reaches conv ``b`` and nothing else, through at most a BatchNorm,
   one elementwise activation and pooling, with ``b.in_channels == a.out_channels``;
-* **pairs**: DF-MPC's (low-bit, compensating high-bit) layer pairs. Links form chains (a plain chain such as VGG is
-  one long chain; a ResNet basic block is a chain of 2, a bottleneck a chain of 3; a residual add or a concat ends a
-  chain). Each chain is paired from its end: ``[..., x, y]`` gives ``(x low, y high)``, then ``(v, w)`` before it,
-  and so on. This reproduces the paper's Fig. 2: basic block (conv1 low, conv2 high), bottleneck (3x3 low, last 1x1
-  high, first 1x1 high and unpaired), VGG (alternate, the stem unpaired), MobileNetV2 (depthwise low, project high).
+* **pairs**: DF-MPC's (low-bit, compensating high-bit) layer pairs. Links through an activation form chains (a plain
+  chain such as VGG is one long chain; a ResNet basic block is a chain of 2, a bottleneck a chain of 3; a residual
+  add or a concat ends a chain, and so does a link without an activation: a *linear bottleneck*, such as the
+  projection of a MobileNetV2 block without a residual feeding the next block's expansion, is a block boundary like
+  a residual add, and the layer after it reads the block's stream as a bottleneck's first 1x1 does). Each chain is
+  paired from its end: ``[..., x, y]`` gives ``(x low, y high)``, then ``(v, w)`` before it, and so on (Algorithm 1
+  of the paper for a plain chain; a stem is paired like any other layer when the chain reaches it). This
+  reproduces the paper's Fig. 2: basic block (conv1 low, conv2 high), bottleneck (3x3 low, last 1x1 high, first 1x1
+  high and unpaired), VGG (alternate, the stem unpaired), and gives MobileNetV2 (not drawn in the paper) depthwise
+  low, projection high in all 17 blocks, the stem, expansions, last 1x1 and classifier high and unpaired.
   Every conv/linear outside a pair is high-bit (docs/MATH.md, D9);
 * **roles**: low / high-compensating / high for every layer, in module order.
 
@@ -90,7 +95,10 @@ def _links(units: dict[str, LayerUnit], mods: dict[str, nn.Module]) -> list[Link
 
 
 def find_pairs(links: list[Link] | tuple[Link, ...]) -> list[Link]:
-    """Pair each chain of links from its end (see module docstring); returns the chosen links in graph order."""
+    """Pair each chain of links from its end (see module docstring); returns the chosen links in graph order.
+
+    Only links through an activation chain: a link without one (``act == "identity"``) ends the chain."""
+    links = [lk for lk in links if lk.act != "identity"]
     by_low = {lk.low: lk for lk in links}
     targets = {lk.high for lk in links}
     pairs = []

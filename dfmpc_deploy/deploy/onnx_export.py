@@ -17,7 +17,8 @@ note says so. A compensation ``in_scale`` (DF-MPC Eq. 7, only after non-homogene
 ``w8a8``
     ``wdq`` plus a ``QuantizeLinear -> DequantizeLinear`` pair (per-tensor symmetric INT8, zero-point 0) on the input
     of every quantized Conv/Gemm (after the ``in_scale`` Mul), with data-free ranges from
-    :func:`calib_free.ranges.estimate_act_ranges` (BN statistics only, k = 3.92 for 8 bits). This is the TensorRT form.
+    :func:`calib_free.ranges.estimate_act_ranges` (BN statistics only, k = 3.92 for 8 bits; propagated from the
+    weights when the BN layers carry none). This is the TensorRT form.
 ``w8a8_ort``
     The ONNX Runtime form of the same quantization: layer inputs *and* outputs (after the ReLU when there is one) get
     asymmetric UINT8 Q/DQ (a post-ReLU tensor uses all 256 levels with zero-point 0) and biases are INT32 with scale
@@ -239,10 +240,15 @@ def _ranges(mp: MixedPrecisionModel, input_range, notes: list[str]) -> tuple[dic
             input_range = input_range_from_normalization(spec.mean, spec.std)
         else:
             notes.append(f"w8a8: input normalisation of '{mp.arch}' unknown; input range assumed N(0, 1) +- k")
+    from ..core.stats import bn_status
+
+    statistics = "propagate" if bn_status(mp.module) == "identity" else "bn"
+    if statistics == "propagate":
+        notes.append("w8a8: the BN layers carry no statistics; activation ranges propagated from the weights")
     graph = mp.analysis().graph  # traced once per model; the ranges walk it on mp.module's modules
     try:
-        return (estimate_act_ranges(mp.module, input_range=input_range, graph=graph),
-                estimate_output_ranges(mp.module, input_range=input_range, graph=graph))
+        return (estimate_act_ranges(mp.module, input_range=input_range, statistics=statistics, graph=graph),
+                estimate_output_ranges(mp.module, input_range=input_range, statistics=statistics, graph=graph))
     except ValueError as err:
         raise DfmpcError(f"w8a8: {err}") from err
 

@@ -256,7 +256,8 @@ def _for_statistics(recipe: Recipe, status: str) -> tuple[Recipe, str | None]:
     if recipe.without_statistics == "refuse":
         raise DfmpcError(f"--method {recipe.name} needs the BN statistics a trained model carries, and this model's BN "
                          f"layers carry none ({status}: BN folded into the convolutions before publication?); use "
-                         f"--method rtn, dfq, dfmpc or dfmpc-paper, which work from the weights alone")
+                         f"--method dfmpc (runs as dfmpc-weights), dfmpc-weights, dfq, dfmpc-paper or rtn, which work "
+                         f"from the weights alone")
     from .recipes import get_recipe
     alt = get_recipe(recipe.without_statistics)
     return alt, (f"this model's BN layers carry no statistics ({status}), so {recipe.name} runs as {alt.name} "

@@ -6,8 +6,12 @@ Choices (ours, stated because the paper leaves them to the implementation):
   chosen pairs) the BN is folded into ``a`` (``W_a <- W_a * gamma/sigma``; the BN becomes a pure bias: weight 1,
   running mean 0, running var ``1 - eps``, bias ``beta - gamma*mu/sigma``), then ``s_j = sqrt(r_a_j / r_b_j)``
   with ``r_a_j = max|W_a[j]|`` and ``r_b_j = max|W_b[:, j]|``; ``W_a[j] /= s_j``, bias_j ``/= s_j``,
-  ``W_b[:, j] *= s_j`` (exact for positively homogeneous activations, ReLU(z/s) = ReLU(z)/s). Passes repeat until
-  every ``s`` is within 1e-3 of 1 (at most 20). Links through ReLU6/SiLU/... or into grouped convs are skipped.
+  ``W_b[:, j] *= s_j`` (exact for positively homogeneous activations, ReLU(z/s) = ReLU(z)/s). A depthwise conv
+  (``groups == in_channels == out_channels``) holds one filter per channel, which is both its output row ``j`` and
+  its input column ``j``: as ``a`` it is scaled like any conv, as ``b`` its filter ``j`` is multiplied by ``s_j``
+  (and ``r_b_j = max|W_b[j]|``). This is the case CLE was made for (Nagel et al.'s MobileNetV2: expansion ->
+  depthwise -> projection, every link equalised, repeatedly). Passes repeat until every ``s`` is within 1e-3 of 1
+  (at most 20). Links through ReLU6/SiLU/... or into other grouped convs are skipped.
   The folded BNs no longer hold statistics, so statistics are never re-estimated afterwards.
 * Bias correction (:class:`BiasCorrect`): for each conv fed by a folded BN and ReLU/identity,
   ``E[x_j] = E[ReLU(N(m_j, sd_j^2))]`` (clipped-normal mean; ``m = beta``, ``sd = |gamma|`` of the original BN,
@@ -31,10 +35,22 @@ from .base import Context, Pass, register_pass
 __all__ = ["Equalize", "BiasCorrect", "cross_layer_equalize", "cle_links"]
 
 
+def _depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
 def cle_links(graph: GraphAnalysis, mods: dict[str, nn.Module]) -> list[Link]:
-    """The links CLE can equalise: ReLU or no activation between two ungrouped convs."""
-    return [lk for lk in graph.links
-            if lk.act in ("relu", "identity") and mods[lk.high].groups == 1 and mods[lk.low].groups == 1]
+    """The links CLE can equalise: ReLU or no activation between two convs, each ungrouped or depthwise."""
+    return [lk for lk in graph.links if lk.act in ("relu", "identity")
+            and all(mods[n].groups == 1 or _depthwise(mods[n]) for n in (lk.low, lk.high))]
+
+
+def _in_ranges(b: nn.Module) -> torch.Tensor:
+    """``max |W_b[:, j]|`` per input channel ``j`` (a depthwise filter ``j`` is input channel ``j``)."""
+    w = b.weight
+    assert isinstance(w, torch.Tensor)
+    w = w.detach()
+    return (w if _depthwise(b) else w.transpose(0, 1)).flatten(1).abs().amax(1).double()  # max is exact in float32
 
 
 @torch.no_grad()
@@ -75,8 +91,8 @@ def cross_layer_equalize(model: nn.Module, graph: GraphAnalysis, max_passes: int
         worst = 0.0
         for lk in links:
             a, b = mods[lk.low], mods[lk.high]
-            r1 = a.weight.detach().double().flatten(1).abs().amax(1)
-            r2 = b.weight.detach().double().transpose(0, 1).flatten(1).abs().amax(1)
+            r1 = a.weight.detach().flatten(1).abs().amax(1).double()
+            r2 = _in_ranges(b)
             ok = (r1 > 0) & (r2 > 0)
             s = torch.where(ok, torch.sqrt(r1 / torch.where(ok, r2, torch.ones_like(r2))), torch.ones_like(r1))
             worst = max(worst, float((s.log().abs()).max()))
@@ -87,7 +103,8 @@ def cross_layer_equalize(model: nn.Module, graph: GraphAnalysis, max_passes: int
                 mods[lk.bn].bias.div_(s.float())
                 m, sd = pre[lk.bn]
                 pre[lk.bn] = (m / s, sd / s)
-            b.weight.mul_(s.float().reshape(1, -1, *([1] * (b.weight.dim() - 2))))
+            lead = (-1, 1) if _depthwise(b) else (1, -1)
+            b.weight.mul_(s.float().reshape(*lead, *([1] * (b.weight.dim() - 2))))
         if worst < math.log1p(tol):
             break
     return model, pre
@@ -154,7 +171,8 @@ class BiasCorrect(Pass):
             m, sd = pre[lk.bn]
             ex = _relu_mean(m, sd) if lk.act == "relu" else m
             dw = (ctx.layers[lk.high].weight().double() - fp_mods[lk.high].weight.double().cpu()).sum(dim=(2, 3))
-            delta = (dw @ ex.cpu()).float()  # (out,) expected output error of the quantized conv
+            # (out,) expected output error of the quantized conv (a depthwise filter j reads input channel j only)
+            delta = (dw[:, 0] * ex.cpu() if _depthwise(fp_mods[lk.high]) else dw @ ex.cpu()).float()
             if lk.high in bn_after:
                 rm = q_mods[bn_after[lk.high]].running_mean
                 rm.add_(delta.to(rm))

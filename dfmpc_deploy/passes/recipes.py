@@ -13,12 +13,15 @@ accounting are identical; only how the weights and the float state (BN statistic
 ``zeroq``      quantize -> calibrate -> recalibrate (every BN, nearest rounding): Cai et al. 2020.
 ``gdfq``       quantize -> finetune: Xu et al. 2020 (generator + straight-through fine-tuning).
 ``dfmpc-alloc`` ``dfmpc`` whose allocate pass, given no budget, takes the fixed pairing's own packed size.
+``dfmpc-weights`` equalize (per-tensor grids only) -> quantize -> fit_weights -> bias_from_weights: DF-MPC for models
+               without BN statistics, from the weights alone (passes/weight_fit.py).
 =============  ======================================================================================================
 
 On a model whose BN layers carry no statistics (identity or absent: BN folded before publication), ``rtn``,
-``dfq`` (without its bias correction) and ``dfmpc-paper`` (c from the weights alone) run as they are, ``dfmpc`` and
-``dfmpc-alloc`` run as ``dfmpc-paper``, and ``zeroq`` and ``gdfq``, which synthesise from the statistics, refuse
-with the reason.
+``dfq`` (without its bias correction), ``dfmpc-paper`` (c from the weights alone) and ``dfmpc-weights`` run as they
+are, ``dfmpc`` and ``dfmpc-alloc`` run as ``dfmpc-weights`` (measured best of the data-free variants on the real
+MobileNetV2, docs/IMAGENET.md), and ``zeroq`` and ``gdfq``, which synthesise from the statistics, refuse with the
+reason.
 
 Importing this module registers every pass (their flags are what the CLI offers).
 """
@@ -39,6 +42,7 @@ from .finetune import Finetune
 from .quantize import Quantize
 from .recalibrate import Recalibrate
 from .solve_c import SolveC
+from .weight_fit import CorrectBias, EqualizeForGrid, FitWeights
 
 __all__ = ["RECIPES", "get_recipe", "compensate", "fixed_pairing_bytes", "PASS_CLASSES", "RecipeRun"]
 
@@ -51,7 +55,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("dfq", "DFQ (Nagel 2019): cross-layer equalization + analytic bias correction", "none", False,
            ((Equalize, {}), (Quantize, {}), (BiasCorrect, {}))),
     Recipe("dfmpc", "DF-MPC: low/high pairs, closed-form c, data-free BN statistics", "synthetic", False, _DFMPC,
-           without_statistics="dfmpc-paper"),
+           without_statistics="dfmpc-weights"),
     Recipe("dfmpc-paper", "DF-MPC as printed: closed-form c folded, FP statistics, nearest rounding", "none", False,
            ((Quantize, {}), (SolveC, {"c_mode": "paper"}))),
     Recipe("zeroq", "ZeroQ: BN-statistics-matched synthetic inputs, every BN re-estimated", "synthetic", False,
@@ -62,7 +66,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("dfmpc-alloc", "DF-MPC with per-layer widths from data-free sensitivity under the same size budget",
            "synthetic", False,
            ((Quantize, {}), (Calibrate, {}), (Allocate, {"default_budget": "fixed-pairing"}), (Recalibrate, {}),
-            (SolveC, {})), without_statistics="dfmpc-paper"),
+            (SolveC, {})), without_statistics="dfmpc-weights"),
+    Recipe("dfmpc-weights", "DF-MPC from the weights alone (no BN statistics): CLE for per-tensor grids, grid step "
+           "by weight error, bias correction from propagated moments", "none", False,
+           ((EqualizeForGrid, {}), (Quantize, {}), (FitWeights, {"fit_c": False}), (CorrectBias, {}))),
 )}
 
 

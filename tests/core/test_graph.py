@@ -23,8 +23,10 @@ EXPECTED = {
     "vgg16": (6, ("features.stage5.unit2.conv", "features.stage5.unit3.conv"), "features.stage1.unit1.conv"),
     "densenet121": (58, ("features.stage1.unit1.conv1.conv", "features.stage1.unit1.conv2.conv"),
                     "features.stage2.trans2.conv.conv"),
+    # depthwise low, projection high; pytorchcv's first block has a 1x1 conv before its depthwise one, which pairs
+    # with the stem; the expansions after a linear bottleneck stay high and unpaired
     "mobilenetv2_w1": (19, ("features.stage2.unit2.conv2.conv", "features.stage2.unit2.conv3.conv"),
-                       "features.init_block.conv"),
+                       "features.stage2.unit1.conv1.conv"),
 }
 
 

@@ -71,8 +71,10 @@ def test_every_recipe_has_a_defined_behaviour_without_statistics():
             assert name in ("zeroq", "gdfq") and "carry none (identity" in str(err), (name, err)
             continue
         ran[name] = mp.config
-    assert ran["dfmpc"].recipe == "dfmpc-paper" and "runs as dfmpc-paper" in ran["dfmpc"].overrides[0]
-    assert ran["dfmpc-alloc"].recipe == "dfmpc-paper"
+    assert ran["dfmpc"].recipe == "dfmpc-weights" and "runs as dfmpc-weights" in ran["dfmpc"].overrides[0]
+    assert ran["dfmpc-alloc"].recipe == "dfmpc-weights"
     assert ran["rtn"].recipe == "rtn" and ran["dfmpc-paper"].recipe == "dfmpc-paper"
+    assert ran["dfmpc-weights"].recipe == "dfmpc-weights"
+    assert not any("runs as" in o for o in ran["dfmpc-weights"].overrides)
     assert ran["dfq"].record("bias_correct").info["skipped"] == "bn statistics identity"
     assert set(ran) == set(RECIPES) - {"zeroq", "gdfq"}

@@ -31,7 +31,7 @@ def runs():
 def test_registry_metadata():
     expect = {"rtn": ("none", False), "dfq": ("none", False), "dfmpc": ("synthetic", False),
               "dfmpc-paper": ("none", False), "zeroq": ("synthetic", False), "gdfq": ("synthetic", True),
-              "dfmpc-alloc": ("synthetic", False)}
+              "dfmpc-alloc": ("synthetic", False), "dfmpc-weights": ("none", False)}
     assert {n: (r.data_used, r.fine_tuning) for n, r in RECIPES.items()} == expect
     assert all(r.name == n and r.description for n, r in RECIPES.items())
     with pytest.raises(DfmpcError, match="unknown method 'nope'"):
