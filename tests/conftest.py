@@ -64,3 +64,30 @@ def make_tiny_net(seed: int = 0) -> nn.Module:
 @pytest.fixture
 def tiny_net() -> nn.Module:
     return make_tiny_net()
+
+
+def trained_bn_statistics_(net: nn.Module, gamma: tuple[float, float] | None = None,
+                           beta: tuple[float, float] | None = None) -> nn.Module:
+    """Give every BatchNorm2d of ``net`` trained-looking statistics (mean U(-0.5, 0.5), var U(0.5, 2)) and, when
+    given, gamma ~ U(*gamma) and beta ~ U(*beta), under the caller's seed (identity statistics read as folded BN);
+    returns ``net`` in eval mode."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                if gamma is not None:
+                    m.weight.uniform_(*gamma)
+                if beta is not None:
+                    m.bias.uniform_(*beta)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of short ops: on a busy shared CPU, waking OpenMP workers (~10 ms each)
+    would dominate. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

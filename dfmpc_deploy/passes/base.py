@@ -162,6 +162,8 @@ class Recipe:
         without_statistics: what happens on a model whose BN layers carry no statistics (identity or absent, e.g.
             BN folded before publication): ``run`` (the recipe needs none), ``refuse`` (it cannot work: one line
             says why), or the name of the recipe that runs instead (said in the overrides).
+        adapt: optional ``(graph, model, settings) -> (settings, messages)``: settings the user left unset that the
+            recipe chooses from the model's graph (each choice said in the overrides).
     """
 
     name: str
@@ -170,6 +172,7 @@ class Recipe:
     fine_tuning: bool
     passes: tuple[PassSpec, ...]
     without_statistics: str = "run"
+    adapt: Callable[[GraphAnalysis, nn.Module, dict[str, Any]], tuple[dict[str, Any], list[str]]] | None = None
 
     def __post_init__(self) -> None:
         if self.data_used not in ("none", "synthetic", "real"):
@@ -293,12 +296,15 @@ def run_recipe(recipe: Recipe, model: nn.Module, input_shape: tuple[int, int, in
     validate_settings(settings)
     status = bn_status(model)
     recipe, note = _for_statistics(recipe, status)
-    passes, overrides = recipe.configure(settings)
-    overrides = ([note] if note else []) + overrides
     check_weights(model)  # non-finite or overflowing weights, bad BN statistics: refused here, naming the tensor
-    dev = torch.device(device)
     t0 = time.perf_counter()
     graph = graph or GraphAnalysis.of(model)
+    chosen: list[str] = []
+    if recipe.adapt is not None:
+        settings, chosen = recipe.adapt(graph, model, settings)
+    passes, overrides = recipe.configure(settings)
+    overrides = ([note] if note else []) + chosen + overrides
+    dev = torch.device(device)
     fp = model.eval()
     ctx = Context(fp_model=fp, model=copy.deepcopy(fp).eval(), graph=graph, input_shape=tuple(input_shape),  # type: ignore[arg-type]
                   device=dev, seed=seed, arch=arch or type(model).__name__, real_inputs=real_inputs,

@@ -32,17 +32,26 @@ from ..core.graph import GraphAnalysis, Link
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
 
-__all__ = ["Equalize", "BiasCorrect", "cross_layer_equalize", "cle_links"]
+__all__ = ["Equalize", "BiasCorrect", "cross_layer_equalize", "cle_links", "cle_blocked_links"]
 
 
 def _depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
+def _conv_link(lk: Link, mods: dict[str, nn.Module]) -> bool:
+    return all(mods[n].groups == 1 or _depthwise(mods[n]) for n in (lk.low, lk.high))
+
+
 def cle_links(graph: GraphAnalysis, mods: dict[str, nn.Module]) -> list[Link]:
     """The links CLE can equalise: ReLU or no activation between two convs, each ungrouped or depthwise."""
-    return [lk for lk in graph.links if lk.act in ("relu", "identity")
-            and all(mods[n].groups == 1 or _depthwise(mods[n]) for n in (lk.low, lk.high))]
+    return [lk for lk in graph.links if lk.act in ("relu", "identity") and _conv_link(lk, mods)]
+
+
+def cle_blocked_links(graph: GraphAnalysis, mods: dict[str, nn.Module]) -> list[Link]:
+    """Links between two such convs that CLE must skip: the activation between them (ReLU6, SiLU, ...) is not
+    positively homogeneous, so rescaling a channel would change the function."""
+    return [lk for lk in graph.links if lk.act not in ("relu", "identity") and _conv_link(lk, mods)]
 
 
 def _in_ranges(b: nn.Module) -> torch.Tensor:

@@ -3,7 +3,7 @@
 A model whose BN was folded into the convolutions before publication (ONNX, TFLite, QAT exports) keeps BN layers
 with identity statistics: nothing describes the activations, nothing can be synthesised, and every statistic a pass
 needs has to come from the weights. Three passes, run as ``equalize -> quantize -> fit_weights -> bias_from_weights``
-(on the real MobileNetV2 at 6 bits each one measured; docs/IMAGENET.md has every variant):
+(each one measured on the real MobileNetV2 at 6 bits; every variant is in results/imagenet_mobilenet_ablation.json):
 
 * :class:`EqualizeForGrid`: DFQ's cross-layer equalisation (passes/equalize.py, depthwise included) when the grids
   are per tensor, skipped for per-channel grids;
@@ -133,7 +133,7 @@ class FitWeights(Pass):
     Args:
         fit_grid: search each layer's grid step by weight error (module docstring, step 1).
         fit_c: fold each output channel's least-squares rescale into the following BN or the scale (step 2; off by
-            default: measured no better once the bias is corrected, see docs/IMAGENET.md).
+            default: measured no better once the bias is corrected, see results/imagenet_mobilenet_ablation.json).
     """
 
     name = "fit_weights"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
+import math
 import os
 import re
 from collections.abc import Callable
@@ -364,6 +365,49 @@ def settle_bn_statistics_(model: nn.Module, input_shape: tuple[int, int, int], s
         model.eval()
 
 
+def _on_int8_grid(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Rows of ``w`` whose values are all ``k * step`` (``step`` (rows, 1)) with integer ``|k| <= 128``."""
+    k = w / step
+    return ((k - k.round()).abs().amax(1) < 1e-3) & (k.abs().amax(1) <= 128.5)
+
+
+@torch.no_grad()
+def int8_dequantized(model: nn.Module, min_fraction: float = 0.95) -> bool:
+    """Whether the Conv2d / Linear weights of ``model`` look dequantized from symmetric 8-bit integers: in at least
+    ``min_fraction`` of the non-zero filters every value is an integer multiple ``k * step`` with ``|k| <= 128``
+    (to 1e-3 of a step). The step is searched as the filter's smallest non-zero magnitude / 1..8, then, for the
+    filters that fail, as its largest magnitude / 1..128.
+
+    Continuous (float-trained) weights never pass: the multiples would have to be integers *and* span at most 128
+    steps. Quantization-aware-trained models exported as float (e.g. torchvision's quantizable models, dequantized)
+    pass whatever their per-tensor or per-channel scales.
+    """
+    rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (filters that failed the quick search, their magnitudes)
+    ok = total = 0
+    for m in model.modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        w = m.weight.detach().float().flatten(1)
+        a = w.abs()
+        w, a = w[(a > 0).any(1)], a[(a > 0).any(1)]
+        smallest = torch.where(a > 0, a, torch.full_like(a, math.inf)).amin(1, keepdim=True)
+        row_ok = torch.zeros(len(w), dtype=torch.bool)
+        for d in range(1, 9):
+            row_ok |= _on_int8_grid(w, smallest / d)
+        ok += int(row_ok.sum())
+        total += len(w)
+        rows.append((w[~row_ok], a[~row_ok]))
+    if total == 0 or ok < total / 2:  # float weights fail the quick search almost everywhere: no slow search
+        return False
+    for w, a in rows:
+        if len(w):
+            largest, row_ok = a.amax(1, keepdim=True), torch.zeros(len(w), dtype=torch.bool)
+            for k in range(1, 129):
+                row_ok |= _on_int8_grid(w, largest / k)
+            ok += int(row_ok.sum())
+    return ok >= min_fraction * total
+
+
 def load_model(name: str, weights: str = "pretrained", seed: int = 0, unsafe_pickle: bool = False,
                weights_format: str = "auto") -> LoadedModel:
     """Build a named model with pretrained, seeded random or local weights, in eval mode, checked.
@@ -409,8 +453,19 @@ def load_model(name: str, weights: str = "pretrained", seed: int = 0, unsafe_pic
                          f"folded into the convolutions before export: statistics read from BN describe no activations")
             quantizable = _variants(spec.family).get("torchvision-quantized")
             if weights_format == "auto" and quantizable is not None and quantizable is not spec:
-                notes.append(f"BN-folded torchvision weights often come from torchvision's quantizable model, which "
-                             f"uses ReLU: if so, pass --weights-format torchvision-quantized ({quantizable.name})")
+                if int8_dequantized(model):
+                    notes.append(f"the weights are dequantized INT8 (each filter an integer multiple of one step, at "
+                                 f"most 128 steps) with BN folded: the form torchvision's quantizable model exports, "
+                                 f"which uses ReLU, so they are loaded as {quantizable.name} (pass --weights-format "
+                                 f"torchvision to keep {spec.name})")
+                    spec = quantizable
+                    with torch.random.fork_rng(devices=[]):
+                        model = spec.build(False)
+                    _load_into(model, sd, str(weights))
+                else:
+                    notes.append(f"BN-folded torchvision weights often come from torchvision's quantizable model, "
+                                 f"which uses ReLU: if so, pass --weights-format torchvision-quantized "
+                                 f"({quantizable.name})")
     if spec.name != name:
         log.info("model %s with %s-layout weights: architecture %s", name, spec.layout, spec.name)
     for note in notes:

@@ -79,12 +79,7 @@ def rel_err(model: nn.Module, ref: nn.Module, x: torch.Tensor) -> float:
     return float((y - r).pow(2).sum() / r.pow(2).sum())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- graph, equalisation, compensation --------------------------------------------------------------------------

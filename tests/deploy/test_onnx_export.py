@@ -7,7 +7,7 @@ from torch import nn
 from dfmpc_deploy.deploy.onnx_export import VARIANTS, export_onnx, export_variants
 from dfmpc_deploy.errors import DfmpcError
 from dfmpc_deploy.passes.recipes import compensate
-from tests.conftest import example_inputs, make_tiny_net
+from tests.conftest import example_inputs, make_tiny_net, trained_bn_statistics_
 
 onnx = pytest.importorskip("onnx")
 SHAPE = (3, 16, 16)
@@ -24,14 +24,7 @@ def _relu6_net(negative_gamma: bool = False) -> nn.Module:
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(-1.5 if negative_gamma else 0.5, 1.5)
-                m.bias.uniform_(0.0, 1.0)
-    return net.eval()
+    return trained_bn_statistics_(net, gamma=(-1.5 if negative_gamma else 0.5, 1.5), beta=(0.0, 1.0))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dfmpc_deploy.io.header import DIGEST_BYTES, PREAMBLE_BYTES, Header, LayerRecord, encode_header, parse_header
+from tests.conftest import trained_bn_statistics_
 
 
 def quick_config(low: int = 2, high: int = 6, per_channel: bool = False) -> dict:
@@ -72,10 +73,7 @@ class OddNet(nn.Module):
         self.register_buffer("f64", torch.tensor(0.125, dtype=torch.float64))
         self.register_buffer("mask", torch.tensor([True, False, True]))
         self.register_buffer("count", torch.tensor(7))
-        with torch.no_grad():  # trained-looking BN statistics (identity ones read as "folded BN", another recipe)
-            for bn in (self.bn_a, self.bn_b):
-                bn.running_mean.uniform_(-0.5, 0.5)
-                bn.running_var.uniform_(0.5, 2.0)
+        trained_bn_statistics_(self)  # identity statistics would read as folded BN (another recipe)
 
     def forward(self, x):
         x = self.act(self.bn_a(self.a(x)))

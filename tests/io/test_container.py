@@ -18,14 +18,7 @@ from dfmpc_deploy.passes.recipes import compensate
 from tests.conftest import ROOT
 from tests.io.helpers import assert_same_model, bell_net, forward, quick_config, split, variant_inputs, variant_net
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Every op here is short: on a busy shared CPU, waking OpenMP workers (~10 ms each) would dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -124,3 +124,21 @@ def test_dfmpc_weights_on_a_model_with_statistics_runs_as_asked():
     mp = compensate(net, SHAPE, "dfmpc-weights", bits="6")
     assert mp.config.recipe == "dfmpc-weights" and mp.config.bn_status == "real" and not mp.config.overrides
     assert GraphAnalysis.of(net).pairs == mp.analysis().pairs
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6])
+def test_dfmpc_weights_takes_per_channel_grids_where_equalisation_cannot_run(act):
+    """Per-tensor grids rely on CLE; across ReLU6 links CLE cannot rescale, so the recipe picks per-channel grids
+    (said in the overrides) unless the caller chose, and the per-channel result is the better one there."""
+    net = tiny_ir(act, folded=True)
+    mp = compensate(net, SHAPE, "dfmpc", bits="4")
+    run = mp.config
+    blocked = act is nn.ReLU6
+    assert run.record("quantize").config["per_channel"] is blocked
+    assert any("per-channel grids" in o and "relu6" in o for o in run.overrides) == blocked
+    kept = compensate(net, SHAPE, "dfmpc", bits="4", per_channel=False)  # the caller's choice stands
+    assert kept.config.record("quantize").config["per_channel"] is False
+    assert not any("per-channel grids" in o for o in kept.config.overrides)
+    if blocked:
+        x = smooth_inputs(128)
+        assert _err(mp.module, net, x) < _err(kept.module, net, x)

@@ -8,6 +8,7 @@ from torch import nn
 from dfmpc_deploy.errors import UsageError
 from dfmpc_deploy.zoo.data import Dataset
 from dfmpc_deploy.zoo.evaluate import accuracy, logits
+from tests.conftest import trained_bn_statistics_
 
 
 def _net() -> nn.Module:
@@ -15,12 +16,7 @@ def _net() -> nn.Module:
     net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
                         nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
+    return trained_bn_statistics_(net)
 
 
 def test_ort_engine_matches_torch_and_auto_uses_it_for_large_inputs(caplog):

@@ -10,7 +10,7 @@ from dfmpc_deploy.core.graph import GraphAnalysis
 from dfmpc_deploy.errors import DfmpcError, UsageError
 from dfmpc_deploy.zoo.data import load_dataset, parse_data_spec
 from dfmpc_deploy.zoo.evaluate import accuracy
-from dfmpc_deploy.zoo.models import detect_layout, get_spec, load_model, resolve_spec
+from dfmpc_deploy.zoo.models import detect_layout, get_spec, int8_dequantized, load_model, resolve_spec
 from dfmpc_deploy.zoo.torchvision_arch import tv_mobilenet_v2, tv_resnet
 from tests.conftest import SHARED_DATA
 
@@ -129,12 +129,63 @@ def test_no_float_pretrained_for_the_quantizable_variant():
 @needs_mbv2
 @pytest.mark.slow
 def test_real_mobilenet_v2_loads_and_classifies_imagenet():
-    lm6 = load_model("mobilenet_v2", str(MBV2))
-    lm = load_model("mobilenet_v2", str(MBV2), weights_format="torchvision-quantized")
+    lm6 = load_model("mobilenet_v2", str(MBV2), weights_format="torchvision")
+    lm = load_model("mobilenet_v2", str(MBV2))  # auto: dequantized INT8 with folded BN -> the quantizable model
     assert (lm6.arch, lm.arch) == ("mobilenet_v2", "mobilenet_v2_relu")
     assert any("identity statistics" in n for n in lm.extra["notes"])  # BN folded before publication
+    assert any("dequantized INT8" in n and "--weights-format torchvision" in n for n in lm.extra["notes"])
     s = lm.spec
     data = load_dataset(parse_data_spec(f"imagenet:{IMAGENET}"), s.input_size, s.resize, s.mean, s.std, limit=50,
                         num_classes=s.num_classes)
     acc = accuracy(lm.module, data)
     assert acc["n"] == 50 and acc["top1"] >= 66.0, f"top-1 {acc['top1']} on 50 ImageNet images is too low"
+
+
+def _identity_bn(model: nn.Module) -> nn.Module:
+    """``model`` as a BN-folding export leaves it: every BatchNorm with mean 0, variance 1, weight 1, bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
+    return model
+
+
+def _fake_int8_(model: nn.Module, per_channel: bool) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                w = m.weight.flatten(1)
+                step = (w.abs().amax(1, keepdim=True) if per_channel else w.abs().amax()) / 127
+                m.weight.copy_(((w / step).round() * step).reshape(m.weight.shape))
+    return model
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int8_dequantized_tells_integer_grids_from_float_weights(per_channel):
+    torch.manual_seed(0)
+    model = tv_mobilenet_v2()
+    assert not int8_dequantized(model)  # float init: continuous values
+    assert int8_dequantized(_fake_int8_(model, per_channel))
+    with torch.no_grad():  # one filter in 4 off the grid: not a dequantized model any more
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight[::4].mul_(1.0 + 1e-2 * torch.rand_like(m.weight[::4]))
+    assert not int8_dequantized(model)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_bn_folded_torchvision_mobilenet_v2_loads_with_the_activation_its_weights_need(tmp_path, int8):
+    """Dequantized INT8 + folded BN is what torchvision's quantizable MobileNetV2 (ReLU) exports: auto picks it and
+    says how to override; float weights with folded BN keep ReLU6 with a hint."""
+    torch.manual_seed(1)
+    model = _identity_bn(tv_mobilenet_v2())
+    if int8:
+        _fake_int8_(model, per_channel=True)
+    f = tmp_path / "mbv2.pth"
+    torch.save(model.state_dict(), f)
+    lm = load_model("mobilenet_v2", str(f))
+    assert lm.arch == ("mobilenet_v2_relu" if int8 else "mobilenet_v2")
+    notes = " ".join(lm.extra["notes"])
+    assert "identity statistics" in notes
+    assert ("loaded as mobilenet_v2_relu" in notes) == int8
+    assert ("pass --weights-format torchvision-quantized" in notes) == (not int8)
+    assert load_model("mobilenet_v2", str(f), weights_format="torchvision").arch == "mobilenet_v2"
