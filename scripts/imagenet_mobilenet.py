@@ -204,7 +204,7 @@ def main() -> None:
             "bn_statistics": status, "data": str(spec), "images": len(data.labels), "decode_seconds": decode,
             "torch_threads": torch.get_num_threads(),
             "load_average_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
-            "machine": "2 shared CPU cores (other jobs running)", "evaluation": "zoo.evaluate auto engine",
+            "machine": f"{os.cpu_count()} CPU cores", "evaluation": "zoo.evaluate auto engine",
             "fp32": fp32, "fp32_bytes": fp32_bytes}
     print("\n" + "\n".join(_md_rows(rows, fp32, fp32_bytes)))
     if deploy is not None:

@@ -26,11 +26,14 @@ the same scales as plain rounding (times the searched grid multiplier); only the
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..core.threads import one_thread
 
 __all__ = ["nearest_codes", "inverse_factor", "gptq_codes", "direction_error", "best_grid_codes",
            "input_second_moment", "GRID_MULTIPLIERS", "supported"]
@@ -88,18 +91,20 @@ def gptq_codes(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, bits: int,
     codes = torch.empty_like(w)
     s = scale.to(w.dtype).reshape(rows, 1)
     s_round = torch.where(s > 0, s, torch.ones_like(s))  # a zero-scale row (all-zero channel) dequantises to 0
+    cpu = w.device.type == "cpu"
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         wb = w[:, i1:i2]  # a view: updates land in w
         ub = u[i1:i2, i1:i2]
         errs = torch.empty((rows, i2 - i1), dtype=w.dtype, device=w.device)
-        for i in range(i2 - i1):
-            col = wb[:, i:i + 1]
-            q = nearest_codes(col, s_round, bits)
-            codes[:, i1 + i:i1 + i + 1] = q
-            err = (col - q * s) / ub[i, i]
-            wb[:, i:] -= err * ub[i:i + 1, i:]
-            errs[:, i:i + 1] = err
+        with one_thread() if cpu else nullcontext():  # (rows x <= block) ops: threads cost more than they save
+            for i in range(i2 - i1):
+                col = wb[:, i:i + 1]
+                q = nearest_codes(col, s_round, bits)
+                codes[:, i1 + i:i1 + i + 1] = q
+                err = (col - q * s) / ub[i, i]
+                wb[:, i:] -= err * ub[i:i + 1, i:]
+                errs[:, i:i + 1] = err
         if i2 < k:
             w[:, i2:] -= errs @ u[i1:i2, i2:]
     return codes

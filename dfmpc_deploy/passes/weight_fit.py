@@ -24,8 +24,6 @@ None of them reads data or statistics.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,25 +31,13 @@ from torch import nn
 
 from ..core.options import option
 from ..core.state import QuantLayer
+from ..core.threads import one_thread
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
 from .equalize import Equalize
 from .rounding import GRID_MULTIPLIERS, nearest_codes
 
-__all__ = ["EqualizeForGrid", "FitWeights", "CorrectBias", "fit_layer", "one_thread"]
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """One intra-op thread inside: for passes made of many small tensor operations. Each costs microseconds, and on a
-    busy machine waking a second OpenMP thread for it costs milliseconds (the real MobileNetV2 on the 2 shared
-    cores: ``dfmpc-weights`` in 1.1 s with one thread, 37 s with two)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+__all__ = ["EqualizeForGrid", "FitWeights", "CorrectBias", "fit_layer"]
 
 
 def _weight_error(codes: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, rescaled: bool) -> float:
