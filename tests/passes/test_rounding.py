@@ -137,3 +137,20 @@ def test_a_zero_scale_row_stays_finite_and_feeds_its_whole_error_back(bits):
     assert torch.isfinite(out).all()
     c, s, _ = best_grid_codes(w, h, scale, bits)
     assert torch.isfinite(c).all() and s[5] == 0
+
+
+@pytest.mark.parametrize("bits", [2, 3, 6, 8])
+@pytest.mark.parametrize("block", [7, 128])
+def test_numpy_column_loop_gives_the_torch_loops_codes_bit_for_bit(monkeypatch, bits, block):
+    """The CPU fast path runs each block's column loop through numpy; it must be the same float32 arithmetic."""
+    import dfmpc_deploy.passes.rounding as rounding
+
+    w, h = _problem(5, rows=40, k=300)
+    u, dead = inverse_factor(h)
+    w[:, dead] = 0.0
+    scale = quantize_weight(w, bits, per_channel=True)[1].reshape(-1).float().clone()
+    scale[3] = 0.0  # a zero-scale row takes the same path in both loops
+    fast = gptq_codes(w, u, scale, bits, block=block)
+    monkeypatch.setattr(rounding, "_NUMPY_LOOP", False)
+    slow = gptq_codes(w, u, scale, bits, block=block)
+    assert torch.equal(fast, slow)
