@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from dfmpc_deploy.core.progress import Progress
 from dfmpc_deploy.deploy.targets import run_targets
 from dfmpc_deploy.io.atomic import atomic_write_json
 from dfmpc_deploy.passes.recipes import compensate
@@ -70,9 +71,10 @@ def bench(name: str, args, tmp: Path) -> dict:
     mp = compensate(lm.module, shape, arch=name, **settings)
     comp_s = time.perf_counter() - t
     print(f"[{name}] compensated in {comp_s:.1f} s ({mp.estimator})", file=sys.stderr)
-    rep = run_targets(mp, lm.module, shape, ["onnx", "ort"], tmp / name, dataset=data,
-                      batch_sizes=args.batch_sizes, progress=lambda m: print(f"[{name}] {m}", file=sys.stderr),
-                      threads=args.threads, min_iters=args.min_iters, min_seconds=args.min_seconds)
+    with Progress() as progress:  # rows on a terminal, nothing in a log
+        rep = run_targets(mp, lm.module, shape, ["onnx", "ort"], tmp / name, dataset=data,
+                          batch_sizes=args.batch_sizes, progress=progress, threads=args.threads,
+                          min_iters=args.min_iters, min_seconds=args.min_seconds)
     return {"model": name, "weights": "random" if weights == "random" else Path(weights).name,
             "input_shape": list(shape), "config": "dfmpc defaults" if full else "quick (2/6, recal none, nearest)",
             "estimator": mp.estimator, "compensate_seconds": round(comp_s, 2), "threads": rep["threads"].get("ort"),

@@ -21,3 +21,17 @@ def test_compare_prints_one_row_per_method_and_writes_json(tmp_path):
     for m in ("rtn", "gdfq"):
         assert {"top1", "size_bytes", "wall_seconds", "data_used", "avg_code_bits"} <= set(data[m])
         assert data[m]["size_bytes"] < data["fp32"]["size_bytes"] / 5
+
+
+@needs_shared
+def test_bench_latency_times_every_ort_variant_and_scores_the_exports(tmp_path):
+    out = tmp_path / "lat.json"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_latency.py"), "--models",
+                          "resnet56_cifar10_optA", "--limit", "20", "--batch-sizes", "1", "--min-iters", "2",
+                          "--min-seconds", "0.05", "--quick", "--threads", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    run = json.loads(out.read_text())["runs"][0]
+    assert set(run["latency_ms"]) == {"fp32", "wdq", "w8a8", "w8a8_ort"}
+    assert all(v["1"]["p50"] > 0 for v in run["latency_ms"].values())
+    assert {"onnx_wdq", "onnx_w8a8", "onnx_w8a8_ort"} <= set(run["accuracy"])
