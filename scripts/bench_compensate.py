@@ -85,7 +85,8 @@ def child(key: str, threads: int | None) -> dict:
             "forward_b32_seconds_before_after": [round(before, 4), round(after, 4)],
             "compensate_seconds": comp, "ratio_forward_passes": round(comp / fwd, 1),
             "passes_seconds": passes, "synthesis": {k: calib.get(k) for k in ("samples", "steps_run", "steps_max",
-                                                                              "stopped_early")},
+                                                                              "coarse_steps", "stopped_early",
+                                                                              "loss_final")},
             "build_seconds": round(build_s, 2), "peak_rss_mib": round(resource.getrusage(
                 resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 

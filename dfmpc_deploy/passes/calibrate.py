@@ -76,11 +76,13 @@ class Calibrate(Pass):
         steps = budget.steps if self.synth_steps is None else self.synth_steps
         fp = ctx.fp_model if ctx.device.type == "cpu" else _on(ctx.fp_model, ctx.device)
         syn = synthesize_inputs(fp, ctx.input_shape, n=n, steps=steps, lr=self.synth_lr, seed=ctx.seed,
-                                progress=ctx.task("synthesise inputs"), device=ctx.device)
+                                progress=ctx.task("synthesise inputs"), device=ctx.device, coarse=budget.coarse)
         ctx.inputs = syn.inputs
+        c2f = f", the first {syn.coarse_steps} at half size" if syn.coarse_steps else ""
         ctx.estimator = (f"synthetic BN-statistics matching ({n} samples at {ctx.input_shape[1]}x{ctx.input_shape[2]} "
-                         f"px, {syn.steps} Adam steps; no data)")
+                         f"px, {syn.steps} Adam steps{c2f}; no data)")
         return {"source": "synthetic", "samples": n, "steps_run": syn.steps, "steps_max": steps,
+                "coarse_steps": syn.coarse_steps,
                 "resolution": int(ctx.input_shape[1]), "stopped_early": syn.stopped_early,
                 "loss_initial": round(syn.initial_loss, 5), "loss_final": round(syn.final_loss, 5)}
 
