@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -173,4 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entrypoint() -> None:
-    sys.exit(main())
+    """Console entry: exit with :func:`main`'s code. After an interrupt the code is final (130 / 143, the cleanup
+    done): the process leaves at once (``os._exit`` after flushing), so that nothing in interpreter shutdown (library
+    threads, a signal still pending there) can turn it into a death by signal."""
+    code = main()
+    if code in (129, 130, 143):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
