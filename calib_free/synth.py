@@ -32,7 +32,8 @@ from torch import nn
 
 log = logging.getLogger("calib_free")
 
-__all__ = ["SynthResult", "SynthBudget", "synth_budget", "synthesize_inputs", "bn_matching_hooks"]
+__all__ = ["SynthResult", "SynthBudget", "synth_budget", "synthesize_inputs", "bn_matching_hooks",
+           "bn_matching_loss"]
 
 
 @dataclass(frozen=True)
@@ -53,24 +54,6 @@ def synth_budget(input_shape: tuple[int, int, int]) -> SynthBudget:
 
 class _LastBN(Exception):
     """Raised by a forward hook once every BatchNorm call of a forward pass has been seen."""
-
-
-def _bn_calls(model: nn.Module, x: torch.Tensor) -> int:
-    """How many BatchNorm2d calls (with running statistics) one forward of ``model`` on ``x`` makes."""
-    count = [0]
-
-    def hook(mod, inp, out):
-        count[0] += 1
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules()
-             if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return count[0]
 
 
 @dataclass
@@ -120,6 +103,19 @@ def bn_matching_hooks(model: nn.Module, store: list) -> list:
     return hooks
 
 
+@torch.no_grad()
+def bn_matching_loss(model: nn.Module, x: torch.Tensor) -> float:
+    """The scale-free BN-matching loss (:func:`bn_matching_hooks`, summed over layers) of ``model`` on ``x``."""
+    store: list = []
+    hooks = bn_matching_hooks(model, store)
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return float(torch.stack(store).sum())
+
+
 def synthesize_inputs(model: nn.Module, shape: tuple[int, int, int], n: int = 64, steps: int = 200,
                       lr: float = 0.1, seed: int = 0, progress: Callable[..., None] | None = None,
                       patience: int = 10, min_delta: float = 0.01,
@@ -165,7 +161,9 @@ def synthesize_inputs(model: nn.Module, shape: tuple[int, int, int], n: int = 64
     hooks = bn_matching_hooks(model, store)
     if not hooks:
         raise ValueError("the model has no BatchNorm2d layer with running statistics: nothing to synthesise from")
-    calls = _bn_calls(model, torch.zeros((1, *shape), device=device).contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():  # how many BN calls one forward makes (the matching hooks record one entry each)
+        model(torch.zeros((1, *shape), device=device).contiguous(memory_format=torch.channels_last))
+    calls = len(store)
 
     def stop_after_last_bn(mod, inp, out):
         if len(store) >= calls:
@@ -198,7 +196,7 @@ def synthesize_inputs(model: nn.Module, shape: tuple[int, int, int], n: int = 64
         best_x = x.detach().clone()
         opt = torch.optim.Adam([x], lr=lr)
         sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps)) if not coarse_steps
-                 else _cosine(opt, lr, steps, coarse_steps))
+                 else _cosine(opt, steps, coarse_steps))
         for step in range(coarse_steps, steps + 1):
             opt.zero_grad(set_to_none=True)
             loss = bn_loss(x)
@@ -228,8 +226,9 @@ def synthesize_inputs(model: nn.Module, shape: tuple[int, int, int], n: int = 64
     return SynthResult(best_x.contiguous(), step, time.perf_counter() - t0, best, first, steps, stopped, coarse_steps)
 
 
-def _cosine(opt: torch.optim.Optimizer, lr: float, steps: int, start: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine annealing of ``lr`` over ``steps`` in all, starting at step ``start`` (the coarse phase ran before)."""
+def _cosine(opt: torch.optim.Optimizer, steps: int, start: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine annealing of the learning rate over ``steps`` in all, starting at step ``start`` (after a coarse
+    phase)."""
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(start + k, steps) / max(1, steps))))
 
@@ -239,7 +238,7 @@ def _coarse_phase(x: torch.Tensor, bn_loss: Callable[[torch.Tensor], torch.Tenso
     """The first ``coarse_steps`` of the cosine schedule on the half-size inputs ``x``; returns them optimised."""
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
-    sched = _cosine(opt, lr, steps, 0)
+    sched = _cosine(opt, steps, 0)
     for step in range(coarse_steps):
         opt.zero_grad(set_to_none=True)
         loss = bn_loss(x)

@@ -16,24 +16,12 @@ from pathlib import Path
 
 import torch
 
-from calib_free.synth import bn_matching_hooks, synth_budget, synthesize_inputs
+from calib_free.synth import bn_matching_loss, synth_budget, synthesize_inputs
 from dfmpc_deploy.io.atomic import atomic_write_json
 from dfmpc_deploy.zoo.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (3, 224, 224)
-
-
-@torch.no_grad()
-def bn_loss(model: torch.nn.Module, x: torch.Tensor) -> float:
-    store: list = []
-    hooks = bn_matching_hooks(model, store)
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return float(torch.stack(store).sum())
 
 
 def main() -> None:
@@ -55,7 +43,7 @@ def main() -> None:
             res = synthesize_inputs(model, SHAPE, n=args.samples, steps=args.steps, lr=args.lr, seed=0, patience=0,
                                     coarse=coarse)
             seconds = time.perf_counter() - t
-            loss = bn_loss(model, res.inputs)
+            loss = bn_matching_loss(model, res.inputs)
             rows.append({"model": name, "plan": plan, "coarse_steps": res.coarse_steps, "steps": res.steps,
                          "samples": args.samples, "loss_full_size": round(loss, 4), "seconds": round(seconds, 1)})
             print(f"| {name} | {plan} | {res.steps} | {loss:.3f} | {seconds:.1f} |", flush=True)

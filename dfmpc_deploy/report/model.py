@@ -139,7 +139,7 @@ class Synthesis(Section):
     steps_run: int = req("optimiser steps taken", minimum=0)
     steps_max: int = req("step budget", minimum=0)
     resolution: int = req("side of the synthesised images, pixels", minimum=1)
-    loss_initial: float = req("BN-statistics matching loss before the first step")
+    loss_initial: float = req("BN-statistics matching loss before the first full-size step")
     loss_final: float = req("loss after the last step")
     stopped_early: bool = req("true when the loss stopped improving before the budget")
     seconds: float = req("wall time", minimum=0)

@@ -80,3 +80,11 @@ def test_a_model_that_cannot_run_at_half_size_synthesises_at_full_size():
     net[1].running_var.fill_(2.0)
     res = synthesize_inputs(net, (3, 16, 16), n=2, steps=6, lr=0.1, patience=0, coarse=0.5)
     assert res.coarse_steps == 0 and res.steps == 6 and res.inputs.shape == (2, 3, 16, 16)
+
+
+def test_bn_matching_loss_is_the_loss_synthesis_reports():
+    import pytest
+    from calib_free.synth import bn_matching_loss
+    net = make_tiny_net()
+    res = synthesize_inputs(net, (3, 16, 16), n=8, steps=10, lr=0.1, patience=0)
+    assert bn_matching_loss(net, res.inputs) == pytest.approx(res.final_loss, rel=1e-4)
