@@ -84,6 +84,7 @@ def test_a_model_that_cannot_run_at_half_size_synthesises_at_full_size():
 
 def test_bn_matching_loss_is_the_loss_synthesis_reports():
     import pytest
+
     from calib_free.synth import bn_matching_loss
     net = make_tiny_net()
     res = synthesize_inputs(net, (3, 16, 16), n=8, steps=10, lr=0.1, patience=0)
