@@ -302,6 +302,17 @@ def _lock_path(target: Path) -> Path:
     return target.parent / f".{target.name}.lock"
 
 
+def _holder_pid(fd: int, wait: float = 0.5) -> str:
+    """The pid the lock holder wrote into the lock file, or "" if none appears within ``wait`` seconds (the holder
+    writes it just after taking the lock, so a build started at the same moment can look in between)."""
+    end = time.monotonic() + wait
+    while True:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if holder.isdigit() or time.monotonic() >= end:
+            return holder if holder.isdigit() else ""
+        time.sleep(0.01)
+
+
 def _acquire_lock(target: Path, given: str) -> int:
     """Open and ``flock`` ``.<name>.lock`` beside ``target``; write our pid in it; return the open descriptor.
 
@@ -321,9 +332,9 @@ def _acquire_lock(target: Path, given: str) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            holder = _holder_pid(fd)
             os.close(fd)
-            pid = f"pid {holder}" if holder.isdigit() else "pid unknown"
+            pid = f"pid {holder}" if holder else "pid unknown"
             raise _fail(given, f"is in use by another dfmpc-deploy build ({pid}); wait for it or choose another "
                                "--out") from None
         except OSError as err:
