@@ -1,4 +1,4 @@
-"""Command line: ``dfmpc-deploy build | models | inspect``.
+"""Command line: ``dfmpc-deploy build | models | inspect | sweep`` (sweep: dfmpc_deploy/sweep/command.py).
 
 The build flags are not spelled here: they are the fields of :class:`dfmpc_deploy.build.BuildConfig` and of every
 registered pass (dfmpc_deploy.passes), each declaring its flag once (core.options). The parsed namespace holds only
@@ -126,7 +126,12 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-SUBCOMMANDS = (_add_build, _add_models, _add_inspect)
+def _add_sweep(sub) -> None:
+    from .sweep.command import add_parser
+    add_parser(sub, _common())
+
+
+SUBCOMMANDS = (_add_build, _add_models, _add_inspect, _add_sweep)
 _NOT_SETTINGS = {"command", "func", "quiet", "json", "verbose"}
 
 
@@ -134,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfmpc-deploy",
                                 description="Data-free mixed-precision compensation and deployment.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{build,models,inspect}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{build,models,inspect,sweep}")
     for add in SUBCOMMANDS:
         add(sub)
     return p

@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt)
 "${pip[@]}" torch==2.13.0
-"${pip[@]}" -e '.[test,ort,ui]'
+"${pip[@]}" -e '.[test,ort,ui,sweep]'
 "${pip[@]}" requests
 # TensorRT-RTX builds real engines on a CPU (NVIDIA's full TensorRT needs its own index and a GPU).
 "${pip[@]}" tensorrt-rtx || echo "setup: tensorrt-rtx could not be installed; TensorRT tests will be skipped"

@@ -55,7 +55,7 @@ from ..errors import DfmpcError
 from .atomic import dir_mode, file_mode
 
 __all__ = ["OutputDir", "check_out_dir", "remove_leftovers", "terminate_as_interrupt", "interrupt_status",
-           "Terminated"]
+           "Terminated", "locked_dir"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -363,6 +363,29 @@ def _release_lock(target: Path, fd: int) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def locked_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold the lock that :class:`OutputDir` takes for ``path`` (``.<name>.lock`` beside it) inside the block, for a
+    folder that is added to in place rather than replaced (a sweep's ``--out``).
+
+    Yields:
+        ``path`` with its parent resolved.
+
+    Raises:
+        DfmpcError: another process holds the lock (the message names its pid), or it cannot be taken.
+    """
+    given = os.fspath(path)
+    parent, name = _parent_of(given)
+    target = parent / name
+    with _signals_held():
+        fd = _acquire_lock(target, given)
+    try:
+        yield target
+    finally:
+        with _signals_held():
+            _release_lock(target, fd)
 
 
 @functools.cache
