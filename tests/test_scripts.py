@@ -3,24 +3,33 @@ import json
 import subprocess
 import sys
 
+from dfmpc_deploy.sweep import Store
 from tests.conftest import ROOT, needs_shared
 
 
 @needs_shared
-def test_compare_prints_one_row_per_method_and_writes_json(tmp_path):
-    out = tmp_path / "c.json"
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), "--models", "resnet20", "--limit", "40",
-                          "--methods", "rtn", "gdfq", "--finetune-steps", "2", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)
+def test_compare_runs_as_a_sweep_and_reads_its_table_from_the_store(tmp_path):
+    out, sweep = tmp_path / "c.json", tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "scripts" / "compare.py"), "--models", "resnet20", "--limit", "40",
+           "--methods", "rtn", "gdfq", "--finetune-steps", "2", "--out", str(out), "--sweep-dir", str(sweep)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| resnet20 |")]
-    assert len(rows) == 2 * 3  # fp32 + 2 methods, printed as they finish and again as one table
+    assert len(rows) == 3  # fp32 + 2 methods
     data = json.loads(out.read_text())["models"]["resnet20"]["methods"]
     assert set(data) == {"fp32", "rtn", "gdfq"}
     assert data["gdfq"]["fine_tuning"] is True and data["rtn"]["fine_tuning"] is False
     for m in ("rtn", "gdfq"):
-        assert {"top1", "size_bytes", "wall_seconds", "data_used", "avg_code_bits"} <= set(data[m])
+        assert {"top1", "size_bytes", "wall_seconds", "data_used", "avg_code_bits", "cell"} <= set(data[m])
         assert data[m]["size_bytes"] < data["fp32"]["size_bytes"] / 5
+        assert (sweep / "cells" / data[m]["cell"] / "report.json").is_file()
+    with Store(sweep / "results.sqlite", create=False) as store:
+        by_method = {r.settings["method"]: r for r in store.rows()}
+    assert {m: r.top1 for m, r in by_method.items()} == {m: data[m]["top1"] for m in ("rtn", "gdfq")}
+    mtimes = {p: p.stat().st_mtime_ns for p in (sweep / "cells").rglob("*")}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # resumed: nothing left to run
+    assert again.returncode == 0 and [ln for ln in again.stdout.splitlines() if ln.startswith("| resnet20 |")] == rows
+    assert {p: p.stat().st_mtime_ns for p in (sweep / "cells").rglob("*")} == mtimes
 
 
 @needs_shared

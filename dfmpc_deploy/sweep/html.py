@@ -33,7 +33,7 @@ _EXTRA_CSS = """
 table.sortable th{cursor:pointer;user-select:none}
 table.sortable th[data-dir=asc]::after{content:" \\25B2"} table.sortable th[data-dir=desc]::after{content:" \\25BC"}
 td.done{color:#2e7d32} td.failed{color:#b3261e;font-weight:600} td.pending{color:#777}
-td.err{white-space:normal;min-width:260px;max-width:520px;color:#b3261e}
+table.grid td.err{white-space:normal;min-width:260px;max-width:520px;color:#b3261e}
 """.strip()
 
 
@@ -79,7 +79,9 @@ def _scatter(rows: list[Row], colors: dict[str, str], keys: list[str], title: st
     fp32 = [r.top1_variants["fp32"] for r in rows if r.top1_variants and "fp32" in r.top1_variants]
     ref = max(fp32) if fp32 else None
     w, h, left, right, top, bottom = 640, 340, 58, 18, 14, 44
-    xt = _range(min(p[0] for p in pts) / 1e6, max(p[0] for p in pts) / 1e6)
+    lo, hi = min(p[0] for p in pts) / 1e6, max(p[0] for p in pts) / 1e6
+    pad = (hi - lo) * 0.06 or lo * 0.02  # keep the extreme points off the frame
+    xt = _range(max(0.0, lo - pad), hi + pad)
     ys = [p[1] for p in pts] + ([ref] if ref is not None else [])
     yt = _range(max(0.0, min(ys) - 2), min(100.0, max(ys) + 2))
 
