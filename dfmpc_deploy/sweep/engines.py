@@ -4,11 +4,11 @@ Both engines take :class:`~dfmpc_deploy.sweep.cell.CellTask` objects and hand ba
 the driver (dfmpc_deploy.sweep.run) alone writes the results store. Both run :func:`~dfmpc_deploy.sweep.cell.run_cell`
 in a separate process, so a cell that crashes its process (out of memory, a native crash) fails alone.
 
-``local``: ``slots`` worker processes (``spawn``: a fresh interpreter, nothing inherited from the driver's torch
-threads), each running one cell at a time and kept for the next cell; a worker that dies is replaced. Default
-slots: the CPUs this process may use divided by the CPUs a cell declares. Workers do not receive the terminal's
-Ctrl-C (SIGINT is blocked in them from birth): the driver stops them with SIGTERM, which removes a running cell's
-half-written folder as it does for an interrupted ``build``.
+``local``: ``slots`` worker processes (``python -m dfmpc_deploy.sweep.worker``: a fresh interpreter that imports
+nothing of the driver's program and inherits none of its torch threads), each running one cell at a time and kept
+for the next cell; a worker that dies is replaced. Default slots: the CPUs this process may use divided by the CPUs
+a cell declares. Workers run in their own session, so the terminal's Ctrl-C reaches the driver only: it stops them
+with SIGTERM, which removes a running cell's half-written folder as it does for an interrupted ``build``.
 
 ``ray``: each cell is a Ray task declaring ``num_cpus`` = the cell's CPUs and ``num_gpus`` = 1 with
 ``device = "cuda"``, so Ray never puts more cells on a node than it has CPUs (and GPUs) for. Without an address a
@@ -20,21 +20,26 @@ everywhere (one NFS mount, for example), and ``dfmpc-deploy`` must be installed 
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_any
+from pathlib import Path
 from typing import Any, Protocol
 
+from ..errors import DfmpcError
 from .cell import CellTask, failed_outcome, one_line, run_cell
 
 __all__ = ["Engine", "LocalEngine", "RayEngine", "make_engine", "ENGINES", "available_cpus"]
 
 ENGINES = ("local", "ray")
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding dfmpc_deploy, for the workers
 Finished = list[tuple[str, dict[str, Any]]]
 
 
@@ -67,25 +72,6 @@ class Engine(Protocol):
 # ---------------------------------------------------------------------------------------------- local
 
 
-def _worker_main(conn: Connection) -> None:
-    """A local worker: run the cells the driver sends until it sends None or goes away."""
-    from ..io.outdir import terminate_as_interrupt
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver stops us (SIGTERM) when the user presses Ctrl-C
-    with terminate_as_interrupt(("SIGTERM",)):
-        try:
-            while True:
-                try:
-                    task = conn.recv()
-                except EOFError:
-                    return
-                if task is None:
-                    return
-                conn.send(run_cell(task))
-        except (KeyboardInterrupt, BrokenPipeError):
-            return
-
-
 def _death(code: int | None) -> str:
     if code is not None and code < 0:
         name = signal.Signals(-code).name
@@ -95,19 +81,36 @@ def _death(code: int | None) -> str:
 
 
 class _Worker:
-    def __init__(self, ctx: Any):
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="dfmpc-sweep-worker")
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited: born deaf to Ctrl-C
+    """One ``python -m dfmpc_deploy.sweep.worker`` process and its end of a socket pair."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *filter(None, [env.get("PYTHONPATH")])])
         try:
-            self.process.start()
+            self.process = subprocess.Popen([sys.executable, "-m", "dfmpc_deploy.sweep.worker", str(theirs.fileno())],
+                                            pass_fds=(theirs.fileno(),), env=env, start_new_session=True)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        child.close()
+            theirs.close()
+        self.conn = Connection(ours.detach())
         self.task: CellTask | None = None
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def outcome(self) -> dict[str, Any]:
+        """The result the worker sent, or a failed outcome when it died instead."""
+        try:
+            return dict(self.conn.recv())
+        except (EOFError, OSError):
+            try:
+                code = self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                code = None
+            return failed_outcome(_death(code))
+
     def stop(self, cancel: bool) -> None:
-        if self.process.is_alive():
+        if self.alive():
             if self.task is not None and cancel:
                 self.process.terminate()
             elif self.task is None:
@@ -115,10 +118,11 @@ class _Worker:
                     self.conn.send(None)
                 except OSError:
                     pass
-        self.process.join(timeout=15)
-        if self.process.is_alive():
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.join()
+            self.process.wait()
         self.conn.close()
 
 
@@ -133,7 +137,6 @@ class LocalEngine:
 
     def __init__(self, max_parallel: int | None = None):
         self.max_parallel = max_parallel
-        self._ctx = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
 
     def start(self, cpus_per_cell: int) -> int:
@@ -142,12 +145,12 @@ class LocalEngine:
     def submit(self, task: CellTask) -> None:
         idle = [w for w in self._workers if w.task is None]
         for w in idle:
-            if not w.process.is_alive():
+            if not w.alive():
                 w.stop(cancel=False)
                 self._workers.remove(w)
         worker = next((w for w in self._workers if w.task is None), None)
         if worker is None:
-            worker = _Worker(self._ctx)
+            worker = _Worker()
             self._workers.append(worker)
         worker.conn.send(task)
         worker.task = task
@@ -156,35 +159,47 @@ class LocalEngine:
         busy = [w for w in self._workers if w.task is not None]
         if not busy:
             return []
-        ready = set(wait_any([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout))
+        ready = set(wait_any([w.conn for w in busy], timeout))  # a result, or end of file when a worker died
         done: Finished = []
         for w in busy:
-            assert w.task is not None
-            if w.conn in ready:
-                try:
-                    outcome = w.conn.recv()
-                except (EOFError, OSError):
-                    w.process.join(timeout=5)
-                    outcome = failed_outcome(_death(w.process.exitcode))
-            elif w.process.sentinel in ready:
-                w.process.join(timeout=5)
-                outcome = failed_outcome(_death(w.process.exitcode))
-            else:
-                continue
-            done.append((w.task.id, outcome))
-            w.task = None
+            if w.conn in ready and w.task is not None:
+                done.append((w.task.id, w.outcome()))
+                w.task = None
         return done
 
     def close(self, cancel: bool = False) -> None:
         workers, self._workers = self._workers, []
         for w in workers:
-            if cancel and w.task is not None and w.process.is_alive():
+            if cancel and w.task is not None and w.alive():
                 w.process.terminate()  # all at once, then wait for each
         for w in workers:
             w.stop(cancel)
 
 
 # ---------------------------------------------------------------------------------------------- ray
+
+
+def _probe(address: str) -> None:
+    """Refuse at once a ``HOST:PORT`` where nothing listens (``ray.init`` would retry for many minutes)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "auto", "ray://...": left to Ray
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as err:
+        raise DfmpcError(f"--address {address}: nothing answers there ({err.strerror or err}); start the head with "
+                         "'ray start --head --port PORT' and pass the address it prints") from None
+
+
+def _run_on_ray(task: CellTask) -> dict[str, Any]:
+    """:func:`run_cell` as a Ray task; ``host`` also names the Ray node (several nodes may share a machine)."""
+    import ray
+
+    outcome = run_cell(task)
+    outcome["host"] = f"{outcome.get('host')} node {ray.get_runtime_context().get_node_id()[:8]}"
+    return outcome
 
 
 class RayEngine:
@@ -212,10 +227,17 @@ class RayEngine:
 
         from .._deps import require
 
-        ray = require("ray", "sweep")
+        ray = self._ray = require("ray", "sweep")  # set first: close() shuts down whatever init started
         t = time.perf_counter()
         if self.address:
-            ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+            _probe(self.address)
+            try:
+                ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                raise DfmpcError(f"--address {self.address}: cannot join the Ray cluster ({one_line(str(err))}); "
+                                 "check the address 'ray start --head' printed and, when the cluster uses token "
+                                 "authentication (Ray's default), run with RAY_AUTH_MODE=token and the same "
+                                 "~/.ray/auth_token (or RAY_AUTH_TOKEN) as the nodes") from None
         else:
             # session files under a short temporary folder (Ray's socket paths must stay under ~107 bytes)
             self._tmp = tempfile.mkdtemp(prefix="dfmpc-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
@@ -224,8 +246,7 @@ class RayEngine:
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                      _temp_dir=self._tmp)
         self.init_seconds = time.perf_counter() - t
-        self._ray = ray
-        self._remote = ray.remote(max_retries=0)(run_cell)
+        self._remote = ray.remote(max_retries=0)(_run_on_ray)
         total = int(ray.cluster_resources().get("CPU", 1))
         return self.max_parallel or max(1, total // max(1, cpus_per_cell))
 

@@ -163,14 +163,14 @@ def run_sweep(grid: Grid, out: str | os.PathLike, engine: Engine, progress=None,
 def _drive(todo: list[Cell], out: Path, store: Store, engine: Engine, progress, say: Callable[[str], None],
            result: SweepResult) -> None:
     update = progress.task(f"sweep ({engine.name})") if progress is not None else (lambda *a: None)
-    t = time.perf_counter()
-    slots = engine.start(max(c.cpus for c in todo))
-    result.engine_start_seconds = time.perf_counter() - t
     queue = deque(todo)
     running: dict[str, tuple[Cell, float]] = {}
     t0 = time.perf_counter()
     cancel = True
     try:
+        slots = engine.start(max(c.cpus for c in todo))
+        result.engine_start_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
         update(0, len(todo), f"running 0, failed 0, {slots} at once")
         while queue or running:
             while queue and len(running) < slots:

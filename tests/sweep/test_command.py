@@ -81,3 +81,18 @@ def test_exit_status_says_whether_a_cell_failed(capsys, tmp_path):
     assert "failed (resnet20_cifar10_optA method=rtn): weights file" in err and "gone.th" in err
     code, out, _ = _run(capsys, "sweep", grid, "--out", tmp_path / "s", "--list")
     assert code == 0 and "1 done, 1 failed" in out and "error: weights file" in out
+
+
+def test_an_address_where_nothing_listens_is_one_line_at_once(capsys, tmp_path):
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'dfmpc-deploy[sweep]')")
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    grid = write_grid(tmp_path / "g.toml", [RANDOM], {"seed": [0]})
+    code, _, err = _run(capsys, "sweep", grid, "--out", tmp_path / "s", "--engine", "ray", "--address",
+                        f"127.0.0.1:{port}")
+    assert code == 1 and f"--address 127.0.0.1:{port}: nothing answers there" in err and "Traceback" not in err
+    code, out, _ = _run(capsys, "sweep", grid, "--out", tmp_path / "s", "--list")
+    assert "1 pending" in out  # the store was made, nothing ran

@@ -33,7 +33,7 @@ def test_a_killed_worker_fails_its_cell_only(tmp_path):
         engine.submit(CellTask("b", FAST, str(tmp_path / "b")))  # a fresh worker
         out = _wait_all(engine, 1)
         assert out["b"]["ok"] is True and (tmp_path / "b" / "report.json").is_file() and out["b"]["top1"] is None
-        assert len(engine._workers) == 1 and engine._workers[0].process.is_alive()
+        assert len(engine._workers) == 1 and engine._workers[0].alive()
     finally:
         engine.close()
     assert not engine._workers
