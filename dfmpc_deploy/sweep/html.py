@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..report._style import CSS, EXTRA_COLORS
-from ..report._svg import HALO, esc, fmt_num, legend, mb, svg, text, tick, ticks
+from ..report._svg import HALO, esc, fmt_num, legend, svg, text, ticks
 from .pareto import pareto_front
 from .store import Row
 
@@ -67,6 +67,15 @@ def _range(lo: float, hi: float) -> list[float]:
     return [start + i * step for i in range(n + 1)]
 
 
+def _label(t: float, tks: Sequence[float]) -> str:
+    """A tick value with as many decimals as the tick step needs (sizes of one model differ in the 4th digit)."""
+    step = abs(tks[1] - tks[0]) if len(tks) > 1 else 1.0
+    d = 0
+    while d < 12 and abs(round(step, d) - step) > step * 1e-6:
+        d += 1
+    return f"{t:.{d}f}"
+
+
 def _colors(methods: Sequence[str]) -> dict[str, str]:
     return {m: EXTRA_COLORS[i % len(EXTRA_COLORS)] if i >= 4 else ("#3b6fb6", "#e8702a", "#58a55c", "#d64550")[i]
             for i, m in enumerate(methods)}
@@ -78,7 +87,7 @@ def _scatter(rows: list[Row], colors: dict[str, str], keys: list[str], title: st
     front = pareto_front(pts)
     fp32 = [r.top1_variants["fp32"] for r in rows if r.top1_variants and "fp32" in r.top1_variants]
     ref = max(fp32) if fp32 else None
-    w, h, left, right, top, bottom = 640, 340, 58, 18, 14, 44
+    w, h, left, right, top, bottom = 640, 340, 58, 34, 14, 44
     lo, hi = min(p[0] for p in pts) / 1e6, max(p[0] for p in pts) / 1e6
     pad = (hi - lo) * 0.06 or lo * 0.02  # keep the extreme points off the frame
     xt = _range(max(0.0, lo - pad), hi + pad)
@@ -95,10 +104,10 @@ def _scatter(rows: list[Row], colors: dict[str, str], keys: list[str], title: st
     for t in xt:
         out.append(f'<line x1="{sx(t * 1e6):.1f}" y1="{top}" x2="{sx(t * 1e6):.1f}" y2="{h - bottom + 4}" '
                    'stroke="#e3e3e3"/>')
-        out.append(text(sx(t * 1e6), h - bottom + 16, tick(t), 10, "middle", "#666"))
+        out.append(text(sx(t * 1e6), h - bottom + 16, _label(t, xt), 10, "middle", "#666"))
     for t in yt:
         out.append(f'<line x1="{left - 4}" y1="{sy(t):.1f}" x2="{w - right}" y2="{sy(t):.1f}" stroke="#e3e3e3"/>')
-        out.append(text(left - 7, sy(t) + 3.5, tick(t), 10, "end", "#666"))
+        out.append(text(left - 7, sy(t) + 3.5, _label(t, yt), 10, "end", "#666"))
     out.append(text((left + w - right) / 2, h - 6, "packed size (MB)", 11, "middle", "#444"))
     out.append(text(12, (top + h - bottom) / 2, "top-1 %", 11, "middle", "#444",
                     f' transform="rotate(-90 12 {(top + h - bottom) / 2:.1f})"'))
@@ -124,7 +133,7 @@ def _scatter(rows: list[Row], colors: dict[str, str], keys: list[str], title: st
     chart = svg(w, h, out, title)
     items = "".join(f"<li><code>{esc(rows[i].id)}</code> "
                     + esc(" ".join(f"{k}={_cell_text(rows[i].settings.get(k))}" for k in keys))
-                    + f": {esc(mb(pts[i][0]))}, {pts[i][1]:.2f} %</li>" for i in front)
+                    + f": {int(pts[i][0]):,} bytes, {pts[i][1]:.2f} %</li>" for i in front)
     return (chart + f'<p class="cap">Pareto frontier ({len(front)} of {len(rows)} finished cells; smaller and '
             f'more accurate is better; ringed in the chart):</p><ol class="notes">{items}</ol>')
 

@@ -74,3 +74,12 @@ def test_varying_keys_are_the_columns_that_tell_cells_apart(tmp_path):
     assert varying_keys(s.rows()) == ["method", "bits", "seed"]
     assert varying_keys(s.rows()[:1]) == []
     s.close()
+
+
+def test_axis_labels_stay_distinct_when_sizes_differ_in_the_fourth_digit():
+    from dfmpc_deploy.sweep.html import _label, _range
+
+    for lo, hi in [(0.148121, 0.148250), (0.1, 0.21), (12.5, 78.0), (2.851393, 2.958794)]:
+        tks = _range(lo, hi)
+        labels = [_label(t, tks) for t in tks]
+        assert len(set(labels)) == len(labels) and tks[0] <= lo and tks[-1] >= hi, labels
