@@ -243,8 +243,9 @@ class RayEngine:
             self._tmp = tempfile.mkdtemp(prefix="dfmpc-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
             cpus = (self.max_parallel * cpus_per_cell) if self.max_parallel else available_cpus()
             # ERROR: a private cluster's start-up notices (token authentication ...) would only clutter the terminal
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                     _temp_dir=self._tmp)
+            # address="local": a new cluster of our own, even where `ray start` left one running on this machine
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR, _temp_dir=self._tmp)
         self.init_seconds = time.perf_counter() - t
         self._remote = ray.remote(max_retries=0)(_run_on_ray)
         total = int(ray.cluster_resources().get("CPU", 1))
