@@ -31,8 +31,8 @@ from typing import Any, ClassVar, Literal, NewType, Union
 
 from ..errors import DfmpcError
 
-__all__ = ["Json", "JsonScalar", "BatchSize", "PATTERNS", "ReportError", "Invalid", "SectionError", "SectionTypeError",
-           "Section", "req", "opt", "convert", "decoded", "encode", "type_schema", "doc_line"]
+__all__ = ["Json", "JsonScalar", "BatchSize", "Sha256", "PATTERNS", "ReportError", "Invalid", "SectionError",
+           "SectionTypeError", "Section", "req", "opt", "convert", "decoded", "encode", "type_schema", "doc_line"]
 
 #: Any JSON value (finite numbers only). Used for the exact configuration of a pass.
 Json = Any
@@ -40,10 +40,12 @@ Json = Any
 JsonScalar = None | bool | int | float | str
 #: A batch size written as a JSON object key (``"1"``, ``"8"``, ``"32"``).
 BatchSize = NewType("BatchSize", str)
+#: A SHA-256 digest as 64 lowercase hex digits.
+Sha256 = NewType("Sha256", str)
 #: NewType strings and the pattern their values must match.
 #: (``(?![\s\S])`` is the end of the string in both ECMA-262 and Python regexes; ``$`` also matches before a final
 #: newline in Python's.)
-PATTERNS: dict[Any, str] = {BatchSize: r"^[1-9][0-9]*(?![\s\S])"}
+PATTERNS: dict[Any, str] = {BatchSize: r"^[1-9][0-9]*(?![\s\S])", Sha256: r"^[0-9a-f]{64}(?![\s\S])"}
 
 DOC, OMIT, MIN, MAX = "doc", "omit", "minimum", "maximum"
 
