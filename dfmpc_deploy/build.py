@@ -19,13 +19,14 @@ from .core.config import InputSpec
 from .core.options import int_in, option, options_of, positive_int, split_values
 from .errors import DfmpcError, UsageError
 from .passes.base import json_value
-from .report.model import BuildSettings
+from .report.model import BuildSettings, Sha256
 from .zoo.data import DataSpec, parse_data_spec
 
 if TYPE_CHECKING:
     from .report import Report
 
-__all__ = ["BuildConfig", "run_build", "TARGET_CHOICES", "DEVICE_CHOICES", "resolve_device"]
+__all__ = ["BuildConfig", "run_build", "TARGET_CHOICES", "DEVICE_CHOICES", "resolve_device", "parse_targets",
+           "parse_batch_sizes", "relative_paths", "build_settings", "NOT_REPLAYED"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -115,24 +116,42 @@ class BuildConfig:
                              f"std of its input normalisation (they are recorded in model.dfmpc)")
         if self.method not in RECIPES:
             raise UsageError(f"bad --method '{self.method}': choose one of {', '.join(RECIPES)}")
-        targets = tuple(dict.fromkeys(split_values(self.targets, "--target")))
-        bad = [t for t in targets if t not in TARGET_CHOICES]
-        if bad:
-            raise UsageError(f"bad --target {', '.join(bad)}: choose from {', '.join(TARGET_CHOICES)}")
-        object.__setattr__(self, "targets", targets)
-        try:
-            sizes = tuple(int(v) for v in split_values([str(b) for b in self.batch_sizes], "--batch-sizes"))
-        except ValueError:
-            sizes = ()
-        if not sizes or not all(1 <= b <= 65536 for b in sizes):
-            raise UsageError(f"bad --batch-sizes {' '.join(map(str, self.batch_sizes))}: give positive integers, "
-                             f"e.g. 1 8 32 or 1,8,32")
-        object.__setattr__(self, "batch_sizes", tuple(dict.fromkeys(sizes)))
+        object.__setattr__(self, "targets", parse_targets(self.targets, TARGET_CHOICES))
+        object.__setattr__(self, "batch_sizes", parse_batch_sizes(self.batch_sizes))
         if self.device not in DEVICE_CHOICES:
             raise UsageError(f"bad --device '{self.device}': choose one of {', '.join(DEVICE_CHOICES)}")
         if self.data is not None and not isinstance(self.data, DataSpec):
             object.__setattr__(self, "data", parse_data_spec(str(self.data)))
         object.__setattr__(self, "out", Path(self.out))
+
+
+def parse_targets(values, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """``--target`` values (``onnx ort`` or ``onnx,ort``), each in ``choices``, duplicates dropped.
+
+    Raises:
+        UsageError: a value not in ``choices``.
+    """
+    targets = tuple(dict.fromkeys(split_values(values, "--target")))
+    bad = [t for t in targets if t not in choices]
+    if bad:
+        raise UsageError(f"bad --target {', '.join(bad)}: choose from {', '.join(choices)}")
+    return targets
+
+
+def parse_batch_sizes(values) -> tuple[int, ...]:
+    """``--batch-sizes`` values (``1 8 32`` or ``1,8,32``), each 1..65536, duplicates dropped.
+
+    Raises:
+        UsageError: an empty list or a value that is not such an integer.
+    """
+    try:
+        sizes = tuple(int(v) for v in split_values([str(b) for b in values], "--batch-sizes"))
+    except ValueError:
+        sizes = ()
+    if not sizes or not all(1 <= b <= 65536 for b in sizes):
+        raise UsageError(f"bad --batch-sizes {' '.join(map(str, values))}: give positive integers, e.g. 1 8 32 or "
+                         f"1,8,32")
+    return tuple(dict.fromkeys(sizes))
 
 
 def resolve_device(name: str):
@@ -171,12 +190,12 @@ def run_build(cfg: BuildConfig, progress=None, warn=None) -> Report:
         torch.set_num_threads(threads_before)
 
 
-def _relative_paths(obj, tmp: Path):
+def relative_paths(obj, tmp: Path):
     """Artifact paths in the report are relative to --out (they were written into the temp directory)."""
     if isinstance(obj, dict):
-        return {k: _relative_paths(v, tmp) for k, v in obj.items()}
+        return {k: relative_paths(v, tmp) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_relative_paths(v, tmp) for v in obj]
+        return [relative_paths(v, tmp) for v in obj]
     if isinstance(obj, (str, Path)) and str(obj).startswith(str(tmp)):
         return str(Path(obj).relative_to(tmp))
     return obj
@@ -282,7 +301,7 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
                      "torch_fakequant": acc[2][cfg.method if cfg.method != "rtn" else "quantized_uncompensated"]}
         frag = run_targets(mp, lm.module, input_shape, wanted, tmp, dataset=data, batch_sizes=cfg.batch_sizes,
                            progress=progress, threads=cfg.threads, known_accuracy=known)
-        frag = _relative_paths(frag, tmp)
+        frag = relative_paths(frag, tmp)
         notes += frag.get("notes", [])
         _stage(timings, "targets", t)
     return _report(cfg, lm, mp, input_shape, mean, std, device, timings, notes, acc, fp32_nbytes(lm.module),
@@ -307,7 +326,8 @@ def build_settings(cfg: BuildConfig, sha256: str | None) -> BuildSettings:
     options = {f.name: _plain(getattr(cfg, f.name)) for f in options_of(BuildConfig) if f.name not in NOT_REPLAYED}
     path = str(Path(cfg.weights).resolve()) if sha256 is not None else None
     return BuildSettings(options=options, settings={k: json_value(v) for k, v in cfg.settings.items()},
-                         weights_path=path, weights_sha256=sha256, version=__version__)
+                         weights_path=path, weights_sha256=None if sha256 is None else Sha256(sha256),
+                         version=__version__)
 
 
 def _report(cfg: BuildConfig, lm, mp, input_shape, mean, std, device, timings, notes, acc, fp32: int,

@@ -42,7 +42,7 @@ from .cifar_resnet import OPTA_DEPTHS, CifarResNet
 from .torchvision_arch import RESNET_DEPTHS, tv_mobilenet_v2, tv_resnet
 
 __all__ = ["ModelSpec", "REGISTRY", "model_names", "get_spec", "load_model", "load_state_dict_file", "LoadedModel",
-           "WEIGHTS_FORMATS", "detect_layout", "resolve_spec", "settle_bn_statistics_", "weights_sha256",
+           "WEIGHTS_FORMATS", "detect_layout", "resolve_spec", "settle_bn_statistics_", "file_sha256",
            "model_from_module"]
 
 WEIGHTS_FORMATS = ("auto", "pytorchcv", "torchvision", "torchvision-quantized", "native")
@@ -206,8 +206,9 @@ def get_spec(name: str) -> ModelSpec:
     raise DfmpcError(f"unknown model '{name}': {hint}")
 
 
-def weights_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a weights file (read in 1 MiB chunks), recorded in reports so a rebuild can check its weights.
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (weights files in build reports, so a rebuild can check them;
+    packed files in export reports).
 
     Raises:
         DfmpcError: the file cannot be read.
@@ -218,7 +219,7 @@ def weights_sha256(path: str | os.PathLike) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     except OSError as err:
-        raise DfmpcError(f"cannot read weights file '{path}': {err.strerror or err}") from None
+        raise DfmpcError(f"cannot read '{path}': {err.strerror or err}") from None
     return h.hexdigest()
 
 
@@ -464,7 +465,7 @@ def load_model(name: str, weights: str = "pretrained", seed: int = 0, unsafe_pic
             settle_bn_statistics_(model, (3, spec.input_size, spec.input_size), seed)
     else:
         sd = load_state_dict_file(weights, unsafe_pickle=unsafe_pickle)
-        digest = weights_sha256(weights)
+        digest = file_sha256(weights)
         spec = resolve_spec(name, weights_format, keys=list(sd), origin=str(weights))
         with torch.random.fork_rng(devices=[]):  # the initial values are all overwritten
             model = spec.build(False)
