@@ -97,7 +97,8 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Options of ``dfmpc-deploy eval``: top-1 / top-5 of a packed file on labelled images."""
+    """Options of ``dfmpc-deploy eval``: top-1 / top-5 of a packed file on labelled images (``data``: ``KIND:DIR``, or
+    from Python a :class:`~dfmpc_deploy.zoo.data.Dataset` already normalised)."""
 
     file: Path
     data: Any = option_like(_Build, "data",
@@ -113,7 +114,8 @@ class EvalConfig:
         object.__setattr__(self, "file", Path(self.file))
         if self.data is None:
             raise UsageError("eval needs --data KIND:DIR (imagefolder:DIR, imagenet:DIR, cifar10:DIR or cifar100:DIR)")
-        object.__setattr__(self, "data", _data(self.data))
+        if not isinstance(self.data, Dataset):  # a Dataset: images the caller normalised (Python API)
+            object.__setattr__(self, "data", _data(self.data))
         if self.engine not in EVAL_ENGINES:
             raise UsageError(f"bad --engine '{self.engine}': choose one of {', '.join(EVAL_ENGINES)}")
 
@@ -318,7 +320,7 @@ def run_eval(cfg: EvalConfig, progress: Progress | None = None, *, model: nn.Mod
         spec, _, notes = resolve_input(mp, input)
         for note in notes:
             log.warning("note: %s", note)
-        data = _dataset(cfg.data, mp, spec, cfg.limit, progress)
+        data = cfg.data if isinstance(cfg.data, Dataset) else _dataset(cfg.data, mp, spec, cfg.limit, progress)
         task = progress.task(f"eval ({cfg.engine})") if progress is not None else None
         return accuracy(mp.module, data, progress=task, engine=cfg.engine)
 
