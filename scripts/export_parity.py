@@ -135,6 +135,7 @@ def main() -> int:
         sys.exit(f"export_parity: needs the real weights and CIFAR-10 test images in {SHARED}")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         result = {"date": time.strftime("%Y-%m-%d"), "export_vs_build": export_vs_build(args, work)}
         if args.replay_model != "none":
             result["replay"] = replay(args, work)
