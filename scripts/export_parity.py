@@ -55,6 +55,14 @@ def _cli(*argv: str) -> tuple[float, str]:
     return round(time.perf_counter() - t, 2), res.stdout
 
 
+def _shown(path: Path) -> str:
+    """A shared-data path as the README writes it (``../shared/data/...``)."""
+    try:
+        return str(Path("..") / path.relative_to(SHARED.parent.parent))
+    except ValueError:
+        return str(path)
+
+
 def _top1(report: dict, name: str) -> float | None:
     return report.get("accuracy", {}).get(name, {}).get("top1")
 
@@ -89,11 +97,14 @@ def export_vs_build(args, work: Path) -> dict:
     packed_build = _top1(rb, "dfmpc")
     return {
         "model": args.model, "images": len(ds.labels), "threads": args.threads, "quick": args.quick,
-        "commands": {"build": f"dfmpc-deploy build {args.model} --weights {WEIGHTS[args.model]} --bits 2/6 "
-                              f"--data {data} --limit {args.limit} --target onnx ort --threads {args.threads}",
-                     "export": f"dfmpc-deploy export OUT/model.dfmpc --target onnx ort --data {data} --limit "
+        "commands": {"build": f"dfmpc-deploy build {args.model} --weights {_shown(WEIGHTS[args.model])} --bits 2/6 "
+                              f"--data imagefolder:{_shown(CIFAR)} --limit {args.limit} --target onnx ort "
+                              f"--threads {args.threads}",
+                     "export": f"dfmpc-deploy export OUT/model.dfmpc --target onnx ort --data imagefolder:"
+                               f"{_shown(CIFAR)} --limit "
                                f"{args.limit} --threads {args.threads}",
-                     "eval": f"dfmpc-deploy eval OUT/model.dfmpc --data {data} --limit {args.limit} --json"},
+                     "eval": f"dfmpc-deploy eval OUT/model.dfmpc --data imagefolder:{_shown(CIFAR)} --limit "
+                             f"{args.limit} --json"},
         "wall_seconds": {"build": build_s, "export": export_s, "eval": eval_s},
         "packed_bytes": (b / "model.dfmpc").stat().st_size, "packed_sha256": re_["packed_sha256"],
         "input_source": re_["input_source"], "variants": rows,
@@ -115,7 +126,7 @@ def replay(args, work: Path) -> dict:
     same = (a / "model.dfmpc").read_bytes() == (b / "model.dfmpc").read_bytes()
     print(f"replay of {args.replay_model}: model.dfmpc byte-identical: {same}", flush=True)
     return {"model": args.replay_model, "commands": [
-        f"dfmpc-deploy build {args.replay_model} --weights {WEIGHTS[args.replay_model]} --bits 2/6 --threads "
+        f"dfmpc-deploy build {args.replay_model} --weights {_shown(WEIGHTS[args.replay_model])} --bits 2/6 --threads "
         f"{args.threads} --out A", "dfmpc-deploy build --from-report A/report.json --out B"],
         "wall_seconds": {"build": build_s, "replay": replay_s}, "packed_bytes": (a / "model.dfmpc").stat().st_size,
         "model_dfmpc_byte_identical": same}
