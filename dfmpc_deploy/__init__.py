@@ -12,16 +12,19 @@ from .errors import DfmpcError
 
 __version__ = "0.2.0"
 
-__all__ = ["BitsSpec", "WeightFormat", "InputSpec", "parse_bits", "DfmpcError", "build", "compensate", "pack",
-           "export", "evaluate", "replay", "load_model", "RECIPES", "save_packed", "load_packed", "__version__"]
+__all__ = ["BitsSpec", "WeightFormat", "InputSpec", "parse_bits", "DfmpcError", "api", "compensate", "pack", "export",
+           "evaluate", "load_model", "RECIPES", "save_packed", "load_packed", "__version__"]
 
-#: names loaded on first use (keeps ``import dfmpc_deploy`` light: no torch until a stage is used) -> their module
-_LAZY = {"build": "api", "compensate": "api", "pack": "api", "export": "api", "evaluate": "api", "replay": "api",
+#: names loaded on first use (keeps ``import dfmpc_deploy`` light: no torch until a stage is used) -> their module.
+#: The whole Python API is ``dfmpc_deploy.api`` (``build`` and ``replay`` are there only: ``dfmpc_deploy.build`` and
+#: ``dfmpc_deploy.replay`` are the modules that implement them).
+_LAZY = {"api": None, "compensate": "api", "pack": "api", "export": "api", "evaluate": "api",
          "RECIPES": "passes.recipes", "load_model": "zoo.models", "save_packed": "io.container",
          "load_packed": "io.container"}
 
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        module = importlib.import_module(f"{__name__}.{_LAZY[name] or name}")
+        return module if _LAZY[name] is None else getattr(module, name)
     raise AttributeError(name)

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from PIL import Image
 
 from dfmpc_deploy.build import BuildConfig, run_build
 from dfmpc_deploy.cli import main
@@ -24,28 +23,17 @@ from dfmpc_deploy.packed import EvalConfig, ExportConfig, refit_check, refit_wei
 from dfmpc_deploy.passes.recipes import compensate
 from dfmpc_deploy.report.export import ExportReport
 from dfmpc_deploy.zoo.models import file_sha256
-from tests.conftest import make_tiny_net
+from tests.conftest import make_images, make_tiny_net
 from tests.io.helpers import join, split
 
 R20 = "resnet20_cifar10_optA"
 FAST = {"synth_samples": 4, "synth_steps": 2}
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def _run(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def make_images(root, per_class: int = 2, size: int = 32):
-    """A seeded 10-class imagefolder of PNGs (CIFAR-10 class names, ``per_class`` images each)."""
-    rng = np.random.default_rng(0)
-    for c in CLASSES:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
