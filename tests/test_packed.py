@@ -15,7 +15,6 @@ from dfmpc_deploy.build import BuildConfig, run_build
 from dfmpc_deploy.cli import main
 from dfmpc_deploy.core.config import InputSpec
 from dfmpc_deploy.deploy import targets as targets_mod
-from dfmpc_deploy.deploy import trt
 from dfmpc_deploy.deploy.onnx_export import VARIANTS, _ranges
 from dfmpc_deploy.errors import BadFileError, DfmpcError
 from dfmpc_deploy.io.container import load_packed, save_packed
@@ -24,6 +23,7 @@ from dfmpc_deploy.passes.recipes import compensate
 from dfmpc_deploy.report.export import ExportReport
 from dfmpc_deploy.zoo.models import file_sha256
 from tests.conftest import make_images, make_tiny_net
+from tests.deploy.test_trt import _need_builder
 from tests.io.helpers import join, split
 
 R20 = "resnet20_cifar10_optA"
@@ -187,14 +187,6 @@ def test_export_json_and_parity_failure_exit_code(built, tmp_path, capsys, monke
     monkeypatch.setitem(targets_mod.PARITY_TOL, "fp32", (0.0, 0.0))
     code, _, err = _run(capsys, "export", str(out / "model.dfmpc"), "--out", str(tmp_path / "f"), "-q")
     assert code == 1 and "parity check FAILED for onnx_fp32" in err and (tmp_path / "f" / "report.json").is_file()
-
-
-def _need_builder():
-    name = trt.backend_name()
-    if name is None:
-        pytest.skip("neither tensorrt nor tensorrt_rtx is installed")
-    if name == "tensorrt" and not torch.cuda.is_available():
-        pytest.skip("full TensorRT needs a GPU to build (TensorRT-RTX builds on the CPU)")
 
 
 @pytest.mark.trt

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from ..io.atomic import atomic_write_text
-from ._codec import BatchSize, Invalid, ReportError, Section, Sha256, convert, decoded, opt, req
+from ._codec import BatchSize, Invalid, ReportError, Section, Sha256, decoded, field_from_json, opt, req
 from .measurements import Accuracy, Engine, LatencyStats, Parity, Sizes
 from .model import Preprocessing
 
@@ -93,11 +93,7 @@ class ExportReport(Section):
         Raises:
             ReportError: ``value`` does not fit the field.
         """
-        hints = dict((f.name, tp) for f, tp in cls._fields())
-        try:
-            return convert(hints[name], value, f"export report.{name}", json=True)
-        except Invalid as err:
-            raise ReportError(f"{err.path}: {err.msg}") from None
+        return field_from_json(cls, name, value, "export report")
 
 
 def export_report_json(report: ExportReport) -> str:

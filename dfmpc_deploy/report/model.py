@@ -24,7 +24,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ._codec import BatchSize, Invalid, Json, JsonScalar, ReportError, Section, Sha256, convert, decoded, opt, req
+from ._codec import (
+    BatchSize,
+    Invalid,
+    Json,
+    JsonScalar,
+    ReportError,
+    Section,
+    Sha256,
+    decoded,
+    field_from_json,
+    opt,
+    req,
+)
 from .measurements import (
     Accuracy,
     Allocation,
@@ -352,13 +364,7 @@ class Report(Section):
         Raises:
             ReportError: ``name`` is not a field, or ``value`` does not fit it.
         """
-        hints = dict((f.name, tp) for f, tp in cls._fields())
-        if name not in hints:
-            raise ReportError(f"report: no section {name!r}")
-        try:
-            return convert(hints[name], value, f"report.{name}", json=True)
-        except Invalid as err:
-            raise ReportError(f"{err.path}: {err.msg}") from None
+        return field_from_json(cls, name, value, "report")
 
 
 # ---------------------------------------------------------------------------------------------- constructors
