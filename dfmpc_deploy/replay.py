@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .build import NOT_REPLAYED, BuildConfig, run_build
+from .core.options import options_of
 from .errors import DfmpcError
 from .passes.base import json_value
 from .passes.recipes import get_recipe
@@ -75,7 +76,7 @@ def settings_from_passes(recipe_name: str, passes: Sequence[PassRecord], where: 
 
 
 def _options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
-    known = {f for f in BuildConfig.__dataclass_fields__ if f not in NOT_REPLAYED}
+    known = {f.name for f in options_of(BuildConfig) if f.name not in NOT_REPLAYED}
     unknown = sorted(set(options) - known)
     if unknown:
         raise DfmpcError(f"{where}: the build used option(s) {', '.join(unknown)} that this dfmpc-deploy does not "
