@@ -16,6 +16,8 @@ The same machine, version and seed give a bit-identical ``model.dfmpc`` (tests/t
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -25,9 +27,9 @@ from typing import Any
 import torch
 
 from .build import NOT_REPLAYED, BuildConfig, run_build
-from .core.options import options_of
-from .errors import DfmpcError
-from .passes.base import json_value
+from .core.options import flag_of, options_of
+from .errors import DfmpcError, UsageError
+from .passes.base import json_value, validate_settings
 from .passes.recipes import get_recipe
 from .report.files import read_report
 from .report.model import BuildSettings, PassRecord, Report
@@ -75,13 +77,42 @@ def settings_from_passes(recipe_name: str, passes: Sequence[PassRecord], where: 
     return settings
 
 
+def _option(f: dataclasses.Field, value: Any) -> Any:
+    """A recorded option value checked as its flag checks it (the CLI's parser and choices); lists become tuples."""
+    meta = f.metadata
+    if value is None:
+        return None
+    if meta["action"] in ("store_true", "store_false"):
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if isinstance(value, list):
+        if meta["nargs"]:
+            return tuple(value)  # checked by BuildConfig
+        value = ",".join(map(str, value))
+    if meta["parse"] is not None:
+        value = meta["parse"](str(value))
+    elif not isinstance(value, str):
+        raise ValueError("expected a string")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ValueError(f"not one of {', '.join(meta['choices'])}")
+    return value
+
+
 def _options(options: Mapping[str, Any], where: str) -> dict[str, Any]:
-    known = {f.name for f in options_of(BuildConfig) if f.name not in NOT_REPLAYED}
-    unknown = sorted(set(options) - known)
+    fields = {f.name: f for f in options_of(BuildConfig) if f.name not in NOT_REPLAYED}
+    unknown = sorted(set(options) - set(fields))
     if unknown:
         raise DfmpcError(f"{where}: the build used option(s) {', '.join(unknown)} that this dfmpc-deploy does not "
                          f"know; replay it with the version that wrote it")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    out = {}
+    for k, v in options.items():
+        try:
+            out[k] = _option(fields[k], v)
+        except (argparse.ArgumentTypeError, UsageError, ValueError) as err:
+            raise DfmpcError(f"{where}: recorded option {flag_of(fields[k])} {str(v)[:60]!r} is invalid: {err}") \
+                from None
+    return out
 
 
 def _check_weights(b: BuildSettings, where: str) -> str | None:
@@ -127,6 +158,10 @@ def config_from_report(report: str | os.PathLike, out: str | os.PathLike | None 
     if weights is not None:
         options["weights"] = weights
     settings = settings_from_passes(rep.recipe.name, rep.recipe.passes, where)
+    try:
+        validate_settings(settings)
+    except (UsageError, TypeError, ValueError) as err:  # a pass refuses a recorded value (an edited report)
+        raise DfmpcError(f"{where}: a recorded pass configuration is invalid: {err}") from None
     if rep.runtime is not None:  # what the passes ran with: float reductions depend on the thread count
         options["threads"], options["device"] = rep.runtime.threads, rep.runtime.device
         if rep.runtime.torch != torch.__version__:

@@ -91,6 +91,12 @@ def test_report_without_build_settings_is_refused(random_build, tmp_path, capsys
      "ran the passes newpass -> quantize"),
     (lambda r: r["build"]["options"].update(shiny_new_option=1), "option(s) shiny_new_option"),
     (lambda r: r.update(weights="module"), "built from an nn.Module"),
+    (lambda r: r["build"]["options"].update(seed="abc"), "recorded option --seed 'abc' is invalid"),
+    (lambda r: r["build"]["options"].update(limit=[1, 2]), "recorded option --limit"),
+    (lambda r: r["build"]["options"].update(weights_format="onnx"), "recorded option --weights-format 'onnx'"),
+    (lambda r: r["build"]["options"].update(compress="yes"), "expected true or false"),
+    (lambda r: r["recipe"]["passes"][0]["config"].update(bits=5), "recorded pass configuration is invalid"),
+    (lambda r: r["recipe"]["passes"][1]["config"].update(synth_lr=-1), "recorded pass configuration is invalid"),
 ])
 def test_what_cannot_be_replayed_is_one_line(random_build, tmp_path, capsys, edit, msg):
     rep = json.loads((random_build / "report.json").read_text())
