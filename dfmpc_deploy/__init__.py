@@ -5,23 +5,26 @@ The pipeline, one package per stage: ``zoo`` (models, data) -> ``passes`` (recip
 shared vocabulary (bit widths, quantizers, the graph analysis, the compensated-model state) and ``build`` chains it
 all for the CLI.
 """
-from .core.config import BitsSpec, WeightFormat, parse_bits
+import importlib
+
+from .core.config import BitsSpec, InputSpec, WeightFormat, parse_bits
 from .errors import DfmpcError
 
 __version__ = "0.2.0"
 
-__all__ = ["BitsSpec", "WeightFormat", "parse_bits", "DfmpcError", "compensate", "load_model", "RECIPES",
-           "save_packed", "load_packed", "__version__"]
+__all__ = ["BitsSpec", "WeightFormat", "InputSpec", "parse_bits", "DfmpcError", "api", "compensate", "pack", "export",
+           "evaluate", "load_model", "RECIPES", "save_packed", "load_packed", "__version__"]
+
+#: names loaded on first use (keeps ``import dfmpc_deploy`` light: no torch until a stage is used) -> their module.
+#: The whole Python API is ``dfmpc_deploy.api`` (``build`` and ``replay`` are there only: ``dfmpc_deploy.build`` and
+#: ``dfmpc_deploy.replay`` are the modules that implement them).
+_LAZY = {"api": None, "compensate": "api", "pack": "api", "export": "api", "evaluate": "api",
+         "RECIPES": "passes.recipes", "load_model": "zoo.models", "save_packed": "io.container",
+         "load_packed": "io.container"}
 
 
-def __getattr__(name):  # keep `import dfmpc_deploy` light: torch-heavy modules load on first use
-    if name in ("compensate", "RECIPES"):
-        from .passes import recipes
-        return getattr(recipes, name)
-    if name == "load_model":
-        from .zoo.models import load_model
-        return load_model
-    if name in ("save_packed", "load_packed"):
-        from .io import container
-        return getattr(container, name)
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(f"{__name__}.{_LAZY[name] or name}")
+        return module if _LAZY[name] is None else getattr(module, name)
     raise AttributeError(name)

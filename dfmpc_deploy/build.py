@@ -14,13 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .core.options import int_in, option, positive_int, split_values
+from . import __version__
+from .core.config import InputSpec
+from .core.options import int_in, option, options_of, positive_int, split_values
 from .errors import DfmpcError, UsageError
+from .passes.base import json_value
+from .report.model import BuildSettings, Sha256
+from .zoo.data import DataSpec, parse_data_spec
 
 if TYPE_CHECKING:
     from .report import Report
 
-__all__ = ["BuildConfig", "run_build", "TARGET_CHOICES", "DEVICE_CHOICES", "resolve_device"]
+__all__ = ["BuildConfig", "run_build", "TARGET_CHOICES", "DEVICE_CHOICES", "resolve_device", "parse_targets",
+           "parse_batch_sizes", "relative_paths", "build_settings", "NOT_REPLAYED"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -50,7 +56,8 @@ class BuildConfig:
     """Options of one build; every field with a flag is a ``build`` option (the CLI is generated from them).
 
     ``settings`` holds the pass settings the user gave (field name -> value, see dfmpc_deploy.passes); the recipe
-    named by ``method`` decides which passes read them.
+    named by ``method`` decides which passes read them. ``module`` (Python API only) builds your own ``nn.Module``
+    instead of a named model (``model`` then only names it; ``input_shape``, ``mean`` and ``std`` are required).
     """
 
     model: str
@@ -95,33 +102,56 @@ class BuildConfig:
     device: str = option("auto", flag="--device", metavar="auto|cpu|cuda",
                          help="where synthesis, rounding and statistics run (auto = CUDA when available)")
     settings: Mapping[str, Any] = field(default_factory=dict)
+    module: Any = field(default=None, compare=False, repr=False)
+    input_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         from .passes.recipes import RECIPES
-        from .zoo.data import DataSpec, parse_data_spec
         from .zoo.models import get_spec
 
-        get_spec(self.model)  # an unknown name fails before anything is created
+        if self.module is None:
+            get_spec(self.model)  # an unknown name fails before anything is created
+        elif self.input_shape is None or self.mean is None or self.std is None:
+            raise UsageError(f"building your own module '{self.model}' needs input_shape=(C, H, W) and the mean and "
+                             f"std of its input normalisation (they are recorded in model.dfmpc)")
         if self.method not in RECIPES:
             raise UsageError(f"bad --method '{self.method}': choose one of {', '.join(RECIPES)}")
-        targets = tuple(dict.fromkeys(split_values(self.targets, "--target")))
-        bad = [t for t in targets if t not in TARGET_CHOICES]
-        if bad:
-            raise UsageError(f"bad --target {', '.join(bad)}: choose from {', '.join(TARGET_CHOICES)}")
-        object.__setattr__(self, "targets", targets)
-        try:
-            sizes = tuple(int(v) for v in split_values([str(b) for b in self.batch_sizes], "--batch-sizes"))
-        except ValueError:
-            sizes = ()
-        if not sizes or not all(1 <= b <= 65536 for b in sizes):
-            raise UsageError(f"bad --batch-sizes {' '.join(map(str, self.batch_sizes))}: give positive integers, "
-                             f"e.g. 1 8 32 or 1,8,32")
-        object.__setattr__(self, "batch_sizes", tuple(dict.fromkeys(sizes)))
+        object.__setattr__(self, "targets", parse_targets(self.targets, TARGET_CHOICES))
+        object.__setattr__(self, "batch_sizes", parse_batch_sizes(self.batch_sizes))
         if self.device not in DEVICE_CHOICES:
             raise UsageError(f"bad --device '{self.device}': choose one of {', '.join(DEVICE_CHOICES)}")
         if self.data is not None and not isinstance(self.data, DataSpec):
             object.__setattr__(self, "data", parse_data_spec(str(self.data)))
         object.__setattr__(self, "out", Path(self.out))
+
+
+def parse_targets(values, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """``--target`` values (``onnx ort`` or ``onnx,ort``), each in ``choices``, duplicates dropped.
+
+    Raises:
+        UsageError: a value not in ``choices``.
+    """
+    targets = tuple(dict.fromkeys(split_values(values, "--target")))
+    bad = [t for t in targets if t not in choices]
+    if bad:
+        raise UsageError(f"bad --target {', '.join(bad)}: choose from {', '.join(choices)}")
+    return targets
+
+
+def parse_batch_sizes(values) -> tuple[int, ...]:
+    """``--batch-sizes`` values (``1 8 32`` or ``1,8,32``), each 1..65536, duplicates dropped.
+
+    Raises:
+        UsageError: an empty list or a value that is not such an integer.
+    """
+    try:
+        sizes = tuple(int(v) for v in split_values([str(b) for b in values], "--batch-sizes"))
+    except ValueError:
+        sizes = ()
+    if not sizes or not all(1 <= b <= 65536 for b in sizes):
+        raise UsageError(f"bad --batch-sizes {' '.join(map(str, values))}: give positive integers, e.g. 1 8 32 or "
+                         f"1,8,32")
+    return tuple(dict.fromkeys(sizes))
 
 
 def resolve_device(name: str):
@@ -160,12 +190,12 @@ def run_build(cfg: BuildConfig, progress=None, warn=None) -> Report:
         torch.set_num_threads(threads_before)
 
 
-def _relative_paths(obj, tmp: Path):
+def relative_paths(obj, tmp: Path):
     """Artifact paths in the report are relative to --out (they were written into the temp directory)."""
     if isinstance(obj, dict):
-        return {k: _relative_paths(v, tmp) for k, v in obj.items()}
+        return {k: relative_paths(v, tmp) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_relative_paths(v, tmp) for v in obj]
+        return [relative_paths(v, tmp) for v in obj]
     if isinstance(obj, (str, Path)) and str(obj).startswith(str(tmp)):
         return str(Path(obj).relative_to(tmp))
     return obj
@@ -187,17 +217,23 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
     from .passes.recipes import get_recipe
     from .zoo.data import load_dataset
     from .zoo.evaluate import accuracy
-    from .zoo.models import load_model
+    from .zoo.models import load_model, model_from_module
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    lm = load_model(cfg.model, cfg.weights, seed=cfg.seed, unsafe_pickle=cfg.unsafe_pickle,
-                    weights_format=cfg.weights_format)
+    if cfg.module is not None:
+        lm = model_from_module(cfg.module, cfg.model, cfg.input_shape, cfg.mean, cfg.std)  # type: ignore[arg-type]
+    else:
+        lm = load_model(cfg.model, cfg.weights, seed=cfg.seed, unsafe_pickle=cfg.unsafe_pickle,
+                        weights_format=cfg.weights_format)
     spec = lm.spec
     graph = GraphAnalysis.of(lm.module)
     _stage(timings, "load", t)
-    input_shape = (3, spec.input_size, spec.input_size)
+    input_shape = cfg.input_shape or (3, spec.input_size, spec.input_size)
     mean, std = cfg.mean or spec.mean, cfg.std or spec.std
+    if cfg.data is not None and input_shape[1:] != (spec.input_size, spec.input_size):
+        raise DfmpcError(f"--data needs square inputs (images are centre-cropped); {cfg.model} takes "
+                         f"{'x'.join(map(str, input_shape))}")
 
     recipe = get_recipe(cfg.method)
     data = None
@@ -216,6 +252,7 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
     mp = run_recipe(recipe, lm.module, input_shape, cfg.settings, arch=lm.arch, real_inputs=real,
                     progress=progress, device=device, seed=cfg.seed, graph=graph)
     _stage(timings, "compensate", t)
+    mp.input = InputSpec(tuple(input_shape), tuple(mean), tuple(std), spec.resize)  # type: ignore[arg-type]
     run = mp.config
     for msg in run.overrides:
         warn(msg)
@@ -264,11 +301,33 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
                      "torch_fakequant": acc[2][cfg.method if cfg.method != "rtn" else "quantized_uncompensated"]}
         frag = run_targets(mp, lm.module, input_shape, wanted, tmp, dataset=data, batch_sizes=cfg.batch_sizes,
                            progress=progress, threads=cfg.threads, known_accuracy=known)
-        frag = _relative_paths(frag, tmp)
+        frag = relative_paths(frag, tmp)
         notes += frag.get("notes", [])
         _stage(timings, "targets", t)
     return _report(cfg, lm, mp, input_shape, mean, std, device, timings, notes, acc, fp32_nbytes(lm.module),
                    pack_info, frag, tuple(wanted))
+
+
+#: build options a replay does not take from the report (where to write, and whether to replace it)
+NOT_REPLAYED = ("out", "force")
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v.resolve())
+    if isinstance(v, DataSpec):
+        return f"{v.kind}:{v.path.resolve()}"
+    return json_value(v)
+
+
+def build_settings(cfg: BuildConfig, sha256: str | None) -> BuildSettings:
+    """The report's ``build`` section: every option as the build ran with it (paths absolute) and the weights
+    file's checksum (``sha256``, None when the weights are not a file)."""
+    options = {f.name: _plain(getattr(cfg, f.name)) for f in options_of(BuildConfig) if f.name not in NOT_REPLAYED}
+    path = str(Path(cfg.weights).resolve()) if sha256 is not None else None
+    return BuildSettings(options=options, settings={k: json_value(v) for k, v in cfg.settings.items()},
+                         weights_path=path, weights_sha256=None if sha256 is None else Sha256(sha256),
+                         version=__version__)
 
 
 def _report(cfg: BuildConfig, lm, mp, input_shape, mean, std, device, timings, notes, acc, fp32: int,
@@ -307,6 +366,7 @@ def _report(cfg: BuildConfig, lm, mp, input_shape, mean, std, device, timings, n
     return R.Report(
         model=cfg.model,
         weights=lm.weights if lm.weights in ("random", "pretrained") else str(lm.weights),
+        build=build_settings(cfg, lm.extra.get("sha256")),
         method=cfg.method,
         bits=R.Bits.from_rows(rows, low=int(low), high=int(high), mixed=mixed),
         recipe=R.Recipe(name=recipe.name, description=recipe.description, data_used=recipe.data_used,

@@ -1,4 +1,5 @@
-"""Command line: ``dfmpc-deploy build | models | inspect | sweep`` (sweep: dfmpc_deploy/sweep/command.py).
+"""Command line: ``dfmpc-deploy build | models | inspect | export | eval | sweep`` (sweep:
+dfmpc_deploy/sweep/command.py).
 
 The build flags are not spelled here: they are the fields of :class:`dfmpc_deploy.build.BuildConfig` and of every
 registered pass (dfmpc_deploy.passes), each declaring its flag once (core.options). The parsed namespace holds only
@@ -10,6 +11,7 @@ its traceback, because it is a bug. Ctrl-C exits 130, SIGTERM 143; neither leave
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -17,8 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .core.options import add_arguments, options_of
+from .core.progress import Progress
 from .errors import DfmpcError, UsageError
 from .io.outdir import interrupt_status, terminate_as_interrupt
+from .packed import EvalConfig, ExportConfig, run_eval, run_export, top_line
+from .replay import replay
+from .report.export import ExportReport, export_report_json
 
 __all__ = ["main", "SUBCOMMANDS"]
 
@@ -28,12 +35,12 @@ _BUILD_EXAMPLE = """example:
   dfmpc-deploy build resnet56_cifar10_optA \\
       --weights ../shared/data/weights/akamaster_cifar10/resnet56-4bfd9763.th \\
       --bits 2/6 --data imagefolder:../shared/data/cifar10-test-jpg/test --target torch --out OUT
-  dfmpc-deploy build resnet50 --weights random --bits 2/6 --target ort trt --out out/r50"""
+  dfmpc-deploy build resnet50 --weights random --bits 2/6 --target ort trt --out out/r50
+  dfmpc-deploy build --from-report OUT/report.json --out OUT2     # the same model again, bit for bit"""
 
 
 def _add_build(sub) -> None:
     from .build import BuildConfig
-    from .core.options import add_arguments, options_of
     from .passes.recipes import PASS_CLASSES, RECIPES
 
     p = sub.add_parser("build", parents=[_common()],
@@ -43,7 +50,10 @@ def _add_build(sub) -> None:
                                    "benchmark it, and write a report. Methods: " + "; ".join(
                                        f"{r.name} = {r.description} [data: {r.data_used}]" for r in RECIPES.values()),
                        epilog=_BUILD_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model name (see 'dfmpc-deploy models')")
+    p.add_argument("model", nargs="?", help="model name (see 'dfmpc-deploy models'); not with --from-report")
+    p.add_argument("--from-report", type=Path, metavar="REPORT", default=None,
+                   help="rebuild the model of a build's report.json: its options, weights (checked by SHA-256), "
+                        "every pass configuration, seed, threads and device; only --out and --force apply")
     seen: set[str] = set()
     add_arguments(p, options_of(BuildConfig), seen)
     group = p.add_argument_group("compensation passes", "flags of the passes; a --method that does not run a pass, "
@@ -57,19 +67,33 @@ def _cmd_build(args) -> int:
     import dataclasses
 
     from .build import BuildConfig, run_build
-    from .core.progress import Progress
 
-    given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and k != "from_report"}
+    warn = lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.from_report is not None:
+        extra = [f"--{k.replace('_', '-')}" for k in given if k not in ("model", "out", "force")]
+        if args.model is not None or extra:
+            raise UsageError(f"--from-report replays every recorded setting: drop {args.model or ' '.join(extra)} "
+                             f"(only --out and --force apply)")
+        with Progress(enabled=None if not args.quiet else False) as prog:
+            rep = replay(args.from_report, given.get("out"), given.get("force", False), prog, warn)
+        return _print_build(args, rep, given.get("out", BuildConfig.__dataclass_fields__["out"].default))
+    if args.model is None:
+        raise UsageError("give a MODEL name (dfmpc-deploy models lists them) or --from-report REPORT")
     build_fields = {f.name for f in dataclasses.fields(BuildConfig)}
     cfg = BuildConfig(**{k: v for k, v in given.items() if k in build_fields},
                       settings={k: v for k, v in given.items() if k not in build_fields})
     with Progress(enabled=None if not args.quiet else False) as prog:
-        rep = run_build(cfg, progress=prog, warn=lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
+        rep = run_build(cfg, progress=prog, warn=warn)
+    return _print_build(args, rep, cfg.out)
+
+
+def _print_build(args, rep, out: Path) -> int:
     if args.json:
         from .report import report_json
         print(report_json(rep))
     elif not args.quiet:
-        print(_summary(rep, cfg.out))
+        print(_summary(rep, Path(out)))
     return 0
 
 
@@ -126,12 +150,80 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+_EXPORT_EXAMPLE = """examples:
+  dfmpc-deploy export OUT/model.dfmpc --target onnx ort --out DEPLOY
+  dfmpc-deploy export model.dfmpc --target trt --data cifar10:DIR --limit 500 --out ENGINES   # on the device"""
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", parents=[_common()],
+                       help="ONNX files, ONNX Runtime latency and TensorRT engines from a packed .dfmpc file alone",
+                       description="Make every ONNX variant (fp32, fp16, wdq, w8a8, w8a8_ort) and TensorRT engine that "
+                                   "build --target makes, from the packed file alone (no FP weights, no compensation, "
+                                   "no download), with each artifact's parity against the packed model and its "
+                                   "latency in DIR/report.json. Exit 1 if a parity check fails (everything is still "
+                                   "written).",
+                       epilog=_EXPORT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", type=Path, help="a .dfmpc file written by build")
+    add_arguments(p, options_of(ExportConfig), set())
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    cfg = ExportConfig(**{k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS})
+    with Progress(enabled=None if not args.quiet else False) as prog:
+        rep = run_export(cfg, prog)
+    if args.json:
+        print(export_report_json(rep), end="")
+    elif not args.quiet:
+        print(_export_summary(rep, cfg.out))
+    failed = [k for k, p in rep.parity.items() if p.ok is False]
+    if failed:
+        raise DfmpcError(f"parity check FAILED for {', '.join(failed)} (max abs diff "
+                         f"{rep.parity[failed[0]].max_abs_diff:.3g}); see {cfg.out / 'report.json'}")
+    return 0
+
+
+def _export_summary(rep: ExportReport, out: Path) -> str:
+    lines = [f"{rep.arch} from {rep.packed_file} (input {'x'.join(map(str, rep.input_shape))}, from the "
+             f"{rep.input_source}): {len(rep.artifacts)} artifacts in {out}"]
+    for k, p in rep.parity.items():
+        lines.append(f"  {k:<24} max |diff| {p.max_abs_diff:.3g} of {p.max_abs_ref:.3g}, top-1 agreement "
+                     f"{100 * p.top1_agreement:.1f}%" + ("" if p.ok is None else "  ok" if p.ok else "  FAILED"))
+    if rep.accuracy is not None:
+        lines.append(f"top-1 on {rep.accuracy.n} images: " + ", ".join(
+            f"{k} {v.top1:.2f}%" for k, v in rep.accuracy.results.items()))
+    return "\n".join(lines)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", parents=[_common()], help="top-1/top-5 of a packed .dfmpc file on labelled images",
+                       description="Evaluate a packed file where it is deployed: the input size and normalisation "
+                                   "come from the file. --json prints only {\"top1\", \"top5\", \"n\"}.",
+                       epilog="example:\n  dfmpc-deploy eval OUT/model.dfmpc --data imagefolder:DIR --limit 2000 "
+                              "--json", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", type=Path, help="a .dfmpc file written by build")
+    add_arguments(p, options_of(EvalConfig), set())
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS})
+    with Progress(enabled=None if not args.quiet else False) as prog:
+        result = run_eval(cfg, prog)
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("top1", "top5", "n")}, allow_nan=False))
+    elif not args.quiet:
+        print(top_line(result, cfg))
+    return 0
+
+
 def _add_sweep(sub) -> None:
     from .sweep.command import add_parser
     add_parser(sub, _common())
 
 
-SUBCOMMANDS = (_add_build, _add_models, _add_inspect, _add_sweep)
+SUBCOMMANDS = (_add_build, _add_models, _add_inspect, _add_export, _add_eval, _add_sweep)
 _NOT_SETTINGS = {"command", "func", "quiet", "json", "verbose"}
 
 
@@ -139,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfmpc-deploy",
                                 description="Data-free mixed-precision compensation and deployment.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{build,models,inspect,sweep}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{build,models,inspect,export,eval,sweep}")
     for add in SUBCOMMANDS:
         add(sub)
     return p

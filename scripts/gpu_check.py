@@ -6,6 +6,11 @@
   image-like BN statistics) and ResNet-20/56 (real weights, if carried): seconds per pass, the FP32 forward pass at
   batch 32 on the same GPU, and the ratio; for ResNet-20 the same build on the CPU, the share of equal codes and both
   top-1 on the carried images.
+* ``refit_gpu.json``: a weight-stripped ``engine_wdq.plan`` made by ``dfmpc-deploy export`` from a ResNet-20
+  ``.dfmpc`` (real weights if carried), refit on this GPU from the file's codes (``trt.Refitter``, one named weight
+  per engine weight, dfmpc_deploy.packed.refit_weights_from_packed) and compared with the packed model's outputs
+  (``parity.trt_wdq_refit_dfmpc``); the GPU test
+  ``tests/test_packed.py::test_stripped_engine_is_refit_from_the_packed_codes`` runs the same path (gpu_tests.json).
 * ``latency_gpu.json``: ``torch-cuda`` latency (FP16, eager and CUDA graph) of the compensated ResNet-18/50 at batch
   1, 8 and 32 (trtexec-style timing, dfmpc_deploy.deploy.trt.cuda_latency_ms).
 TensorRT is not installed on the lent machine (its engines are built and checked on the CPU by the test suite), so the
@@ -16,12 +21,17 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from dfmpc_deploy.build import BuildConfig, run_build
+from dfmpc_deploy.deploy import trt
+from dfmpc_deploy.errors import DfmpcError
 from dfmpc_deploy.io.atomic import atomic_write_json
+from dfmpc_deploy.packed import ExportConfig, run_export
 
 
 def _write(out: Path, name: str, obj: dict) -> None:
@@ -94,6 +104,33 @@ def check_compensate(out: Path, data: Path) -> dict:
     return models
 
 
+def check_refit(out: Path, data: Path) -> None:
+    """export's weight-stripped wdq engine, refit from the .dfmpc codes on this GPU (see the module docstring)."""
+    result: dict = {"backend": trt.backend_name()}
+    if result["backend"] is None:
+        result["skipped"] = "neither tensorrt nor tensorrt_rtx is installed here"
+        _write(out, "refit_gpu.json", result)
+        return
+    weights = data / "resnet20-12fca82f.th"
+    images = data / "cifar10" / "test"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            run_build(BuildConfig(model="resnet20_cifar10_optA", out=Path(tmp) / "b",
+                                  weights=str(weights) if weights.is_file() else "random",
+                                  settings={"synth_samples": 8, "synth_steps": 20}))
+            rep = run_export(ExportConfig(file=Path(tmp) / "b" / "model.dfmpc", targets=("trt",), batch_sizes=(1, 8),
+                                          out=Path(tmp) / "e", limit=256,
+                                          data=f"imagefolder:{images}" if images.is_dir() else None))
+            engine = rep.engine.to_dict() if hasattr(rep.engine, "to_dict") else rep.engine
+            result.update(engine=engine, parity={k: p.to_dict() for k, p in rep.parity.items()}, notes=list(rep.notes),
+                          refit_from_dfmpc=rep.parity["trt_wdq_refit_dfmpc"].to_dict()
+                          if "trt_wdq_refit_dfmpc" in rep.parity else "not run: no weight-stripped plan (see notes)")
+        except DfmpcError as err:
+            result["error"] = str(err)
+    print(f"refit: {result.get('refit_from_dfmpc', result.get('error'))}", flush=True)
+    _write(out, "refit_gpu.json", result)
+
+
 def check_latency(out: Path, models: dict) -> None:
     from dfmpc_deploy.deploy.targets import torch_cuda_latency
 
@@ -125,6 +162,7 @@ def main() -> int:
     check_tests(args.out)
     models = check_compensate(args.out, args.data)
     check_latency(args.out, models)
+    check_refit(args.out, args.data)
     print(f"gpu_check: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 

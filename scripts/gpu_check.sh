@@ -6,7 +6,8 @@
 #                                         # images in .gpu_data/ (both git-ignored, a few MB), for a machine that has
 #                                         # neither the shared data nor an internet connection
 #   bash scripts/gpu_check.sh             # on the GPU machine (device tool: carry .whl and .gpu_data): GPU tests,
-#                                         # compensation on CUDA vs CPU, torch-cuda latency; writes results/gpu/*.json
+#                                         # compensation on CUDA vs CPU, torch-cuda latency, a weight-stripped
+#                                         # engine refit from the .dfmpc codes; writes results/gpu/*.json
 #                                         # (and $OUT/*.json when OUT is set). Without CUDA it says so and exits 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."

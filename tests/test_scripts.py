@@ -44,3 +44,17 @@ def test_bench_latency_times_every_ort_variant_and_scores_the_exports(tmp_path):
     assert set(run["latency_ms"]) == {"fp32", "wdq", "w8a8", "w8a8_ort"}
     assert all(v["1"]["p50"] > 0 for v in run["latency_ms"].values())
     assert {"onnx_wdq", "onnx_w8a8", "onnx_w8a8_ort"} <= set(run["accuracy"])
+
+
+@needs_shared
+def test_export_parity_compares_export_with_build(tmp_path):
+    out = tmp_path / "ep.json"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_parity.py"), "--model",
+                          "resnet20_cifar10_optA", "--limit", "20", "--quick", "--threads", "1",
+                          "--replay-model", "none", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    run = json.loads(out.read_text())["export_vs_build"]
+    assert set(run["variants"]) == {"fp32", "fp16", "wdq", "w8a8", "w8a8_ort"} and run["images"] == 20
+    assert all(v["bytes_equal"] and v["max_abs_diff_outputs"] == 0 for v in run["variants"].values())
+    assert all(run["goals"].values()) and run["input_source"] == "file"

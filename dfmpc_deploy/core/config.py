@@ -1,13 +1,17 @@
 """The vocabulary of bit widths: weight formats and the low/high pair (validated at construction)."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from enum import Enum
 
 from ..errors import UsageError
 
-__all__ = ["WeightFormat", "BitsSpec", "parse_bits"]
+__all__ = ["WeightFormat", "BitsSpec", "parse_bits", "InputSpec", "MAX_INPUT_SIDE"]
+
+#: largest input channel count / side an :class:`InputSpec` (and a ``.dfmpc`` file's input block) accepts
+MAX_INPUT_SIDE = 65535
 
 
 class WeightFormat(str, Enum):
@@ -53,3 +57,35 @@ def parse_bits(text: str) -> BitsSpec:
         raise UsageError(f"bad --bits '{text}': expected LOW/HIGH such as 2/6, 3/6, 6/6 or 4/8, or one width such as 6")
     low = int(m.group(1))
     return BitsSpec(low, int(m.group(2)) if m.group(2) is not None else low)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one model input is: its shape and the normalisation of its pixels (recorded in ``.dfmpc`` files).
+
+    Attributes:
+        shape: (C, H, W) of one input, each 1..65535.
+        mean, std: per-channel normalisation of RGB pixels in [0, 1]: ``(x - mean) / std``; std > 0, all finite.
+        resize: shorter side the image is resized to before the centre crop, or None (no resize).
+
+    Raises:
+        ValueError: a value out of range (naming it).
+    """
+
+    shape: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: int | None = None
+
+    def __post_init__(self) -> None:
+        shape, mean, std = tuple(self.shape), tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+        if len(shape) != 3 or not all(isinstance(d, int) and 1 <= d <= MAX_INPUT_SIDE for d in shape):
+            raise ValueError(f"input shape {list(shape)}: need (C, H, W), each 1..{MAX_INPUT_SIDE}")
+        if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+            raise ValueError(f"input normalisation mean {list(mean)} / std {list(std)}: need three finite numbers "
+                             f"each, std > 0")
+        if self.resize is not None and not (isinstance(self.resize, int) and 1 <= self.resize <= MAX_INPUT_SIDE):
+            raise ValueError(f"input resize {self.resize!r}: need None or 1..{MAX_INPUT_SIDE}")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)

@@ -17,8 +17,8 @@ from typing import Any
 
 from ..errors import UsageError
 
-__all__ = ["option", "flag_of", "options_of", "add_arguments", "split_values", "finite_float", "positive_int",
-           "nonnegative_int", "positive_float", "int_in", "float_in", "require_finite"]
+__all__ = ["option", "option_like", "flag_of", "options_of", "add_arguments", "split_values",
+           "finite_float", "positive_int", "nonnegative_int", "positive_float", "int_in", "float_in", "require_finite"]
 
 
 def option(default: Any = dataclasses.MISSING, *, flag: str | None = None, help: str = "",
@@ -38,6 +38,18 @@ def option(default: Any = dataclasses.MISSING, *, flag: str | None = None, help:
             "nargs": nargs, "metavar": metavar, "action": action, "show_default": show_default}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def option_like(cls: type, name: str, **changes: Any) -> Any:
+    """A new field declaring the same flag, help, parser and default as field ``name`` of dataclass ``cls``, with
+    ``changes`` to the metadata or ``default``: one flag spelled once for several configs (``build`` and ``export``
+    share ``--target``, ``--batch-sizes``, ``--out``, ...)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = changes.pop("default", f.default)
+    meta = {**f.metadata, **changes}
+    if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=f.default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 

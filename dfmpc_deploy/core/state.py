@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import BitsSpec, WeightFormat
+from .config import BitsSpec, InputSpec, WeightFormat
 from .graph import GraphAnalysis
 from .quantizers import dequantize
 
@@ -72,6 +72,8 @@ class MixedPrecisionModel:
         estimator: how the low-bit BN statistics were obtained (e.g. ``synthetic-bn-matching (64 samples)``).
         info: timings (seconds per step) and diagnostics for the report.
         graph: the architecture's graph analysis (traced once; None until someone needs it).
+        input: the model's input shape and normalisation when known (``build`` records it; a packed file of format 3
+            stores it), else None.
     """
 
     module: nn.Module
@@ -81,6 +83,7 @@ class MixedPrecisionModel:
     estimator: str
     info: dict = field(default_factory=dict)
     graph: GraphAnalysis | None = None
+    input: InputSpec | None = None
 
     def analysis(self) -> GraphAnalysis:
         """The graph analysis, traced on first use and kept."""

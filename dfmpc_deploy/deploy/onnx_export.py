@@ -232,6 +232,8 @@ def _ranges(mp: MixedPrecisionModel, input_range, notes: list[str]) -> tuple[dic
     """Data-free (input ranges, output ranges) of every quantized layer (calib_free.ranges)."""
     from calib_free.ranges import estimate_act_ranges, estimate_output_ranges, input_range_from_normalization
 
+    if input_range is None and mp.input is not None:  # recorded by build (and in .dfmpc files of format 3)
+        input_range = input_range_from_normalization(mp.input.mean, mp.input.std)
     if input_range is None:
         from ..zoo.models import REGISTRY
 
@@ -262,7 +264,8 @@ def variant_from_base(base: OnnxBase, variant: str, int4: bool = False, ranges: 
         variant: one of :data:`VARIANTS`.
         int4: INT4 storage for layers whose codes fit [-8, 7] (needs opset >= 21; applied to ``wdq`` only).
         ranges: ``(input ranges, output ranges)``, ``{fqn: ActRange}`` each, for w8a8 / w8a8_ort; default: estimated.
-        input_range: normalised input ``(lo, hi)`` for the estimate (default: from the registry for ``mp.arch``).
+        input_range: normalised input ``(lo, hi)`` for the estimate (default: from ``mp.input``'s normalisation, else
+            the registry's for ``mp.arch``).
 
     Returns:
         (onnx.ModelProto, notes). The model has passed ``onnx.checker.check_model(full_check=True)``.
@@ -317,8 +320,9 @@ def export_onnx(mp: MixedPrecisionModel, path, input_shape: tuple[int, int, int]
             TensorRT wants the weight and activation of a conv in the same integer type).
         ranges: ``(input ranges, output ranges)``, each ``{fqn: calib_free.ranges.ActRange}``, for the w8a8
             variants; default: estimated from the BN statistics (:mod:`calib_free.ranges`).
-        input_range: ``(lo, hi)`` of the normalised input for that estimate; default: from the model registry's
-            normalisation of ``mp.arch`` (N(0, 1) for unknown models, with a note).
+        input_range: ``(lo, hi)`` of the normalised input for that estimate; default: from ``mp.input`` (what
+            build records, and a packed file of format 3), else the model registry's normalisation of ``mp.arch``
+            (N(0, 1) for unknown models, with a note).
 
     Returns:
         The path written.

@@ -284,6 +284,32 @@ def cuda_latency_ms(launch: Callable[[], object], stream=None, warmup_ms: float 
     return percentiles_ms(times)
 
 
+def _set_named_weights(trt: Any, refitter: Any, weights: Mapping[str, np.ndarray], plan: Path,
+                       logger: Any) -> list[np.ndarray]:
+    """Give ``refitter`` every weight the engine can refit, by name (the ONNX parser names them after the ONNX
+    initializers), from ``weights``; names the engine does not have (constants the builder folded) are ignored.
+
+    Returns:
+        The contiguous arrays handed to TensorRT, which must stay alive until ``refit_cuda_engine`` has copied them.
+
+    Raises:
+        DfmpcError: an engine weight is missing from ``weights`` or refused (wrong count or type).
+    """
+    names = list(refitter.get_all_weights())
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise DfmpcError(f"refit of '{plan}': {len(missing)} of the engine's {len(names)} weights are not given (e.g. "
+                         f"{', '.join(missing[:3])}); refit from the model the engine was built from")
+    keep = []
+    for name in names:
+        arr = np.ascontiguousarray(weights[name])
+        keep.append(arr)
+        if not refitter.set_named_weights(name, trt.Weights(arr)):
+            raise DfmpcError(f"refit of '{plan}': TensorRT refused weight '{name}' ({arr.dtype}, shape "
+                             f"{list(arr.shape)}): {'; '.join(logger.errors[-2:]) or 'wrong count or type'}")
+    return keep
+
+
 class TrtRunner:
     """Runs a plan on the GPU with torch CUDA tensors as I/O buffers (context manager).
 
@@ -297,7 +323,8 @@ class TrtRunner:
         plan_path: the ``.plan`` file.
         refit_onnx: ONNX file (or its bytes) whose initializers refit the engine (required for a stripped plan;
             e.g. re-exported from a packed model).
-        refit_weights: ``{initializer name: ndarray}`` refit instead of / after ``refit_onnx``.
+        refit_weights: ``{initializer name: ndarray}`` refit instead of / after ``refit_onnx``: every weight the engine
+            can refit must be given (e.g. :func:`dfmpc_deploy.packed.refit_weights_from_packed`, from a ``.dfmpc``).
         cuda_graph: replay timed launches from a CUDA graph.
     """
 
@@ -348,10 +375,11 @@ class TrtRunner:
                   else prefit.refit_from_file(str(self.refit_onnx)))
             if not ok:
                 raise DfmpcError(f"refit of '{self.plan_path}' from the ONNX failed: {self._logger.errors[-1:]}")
-        for name, arr in (self.refit_weights or {}).items():
-            refitter.set_named_weights(name, trt.Weights(np.ascontiguousarray(arr)))
+        keep = _set_named_weights(trt, refitter, self.refit_weights, self.plan_path, self._logger) \
+            if self.refit_weights else []
         if not refitter.refit_cuda_engine():
             raise DfmpcError(f"refit of '{self.plan_path}' failed; missing weights: {refitter.get_missing_weights()}")
+        del keep  # the host arrays had to live until the refit copied them
 
     def _buffers(self, shape: tuple[int, ...]):
         torch, trt = self._torch, self._trt

@@ -63,7 +63,9 @@ def save_packed(mp: MixedPrecisionModel, path: str | os.PathLike,
     """Write ``mp`` as one ``.dfmpc`` file, atomically (temp file + rename) and deterministically.
 
     Args:
-        mp: the compensated model (its module's quantized weights must equal ``codes * scale``).
+        mp: the compensated model (its module's quantized weights must equal ``codes * scale``); ``mp.input`` (input
+            shape and normalisation), when set, is recorded in the header so that ``export`` and ``eval`` need
+            nothing but the file.
         path: destination file.
         ternary_layout: ``"ternary-base3"`` (1.6 bits/weight, default) or ``"ternary-2bit"``.
         compress: opt-in entropy coding: each layer whose codes deflate (Huffman only) smaller than its dense layout
@@ -191,7 +193,8 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None, *,
 
     Returns:
         MixedPrecisionModel in eval mode, ``config=None``; ``layers[fqn].c`` is None (c is folded and not stored);
-        ``info`` holds ``packed_file``, ``format_version`` and ``load_seconds``.
+        ``info`` holds ``packed_file``, ``format_version`` (of the file: 2 or 3) and ``load_seconds``; ``input`` is
+        the recorded input shape and normalisation (None for a version-2 file or one packed without it).
 
     Raises:
         BadFileError: not a regular file, unreadable, truncated, corrupt (checksum, invalid codes, non-finite or
@@ -220,8 +223,8 @@ def load_packed(path: str | os.PathLike, model: nn.Module | None = None, *,
                            f"memory or raise the limit") from None
     seconds = time.perf_counter() - t0
     log.info("Finished loading in %.3f seconds", seconds)
-    info = {"packed_file": str(path), "format_version": FORMAT_VERSION, "load_seconds": round(seconds, 4)}
-    return MixedPrecisionModel(module.eval(), layers, h.arch, None, h.estimator, info)
+    info = {"packed_file": str(path), "format_version": h.version, "load_seconds": round(seconds, 4)}
+    return MixedPrecisionModel(module.eval(), layers, h.arch, None, h.estimator, info, input=h.input)
 
 
 def _all_zero(codes: torch.Tensor) -> Callable[[], bool]:
@@ -309,6 +312,14 @@ def _layer_status(r: LayerRecord, data: memoryview, sc: memoryview, ins: memoryv
     return None
 
 
+def _input_text(h: Header) -> str:
+    i = h.input
+    if i is None:
+        return "not recorded" + (" (format version 2)" if h.version < 3 else "")
+    return (f"{'x'.join(map(str, i.shape))}, mean {', '.join(f'{v:g}' for v in i.mean)}, std "
+            f"{', '.join(f'{v:g}' for v in i.std)}, resize {i.resize or 'none'}")
+
+
 def inspect_packed(path: str | os.PathLike) -> InspectResult:
     """Check every byte of a packed file and summarise it: header, layer table, sizes, checksums, problems.
 
@@ -326,7 +337,8 @@ def inspect_packed(path: str | os.PathLike) -> InspectResult:
     rep = size_report(h)
     bad = bad_sections(h, payload)
     problems = [f"{name} section: checksum mismatch{REPACK}" for name in bad]
-    lines = [f"{source}: .dfmpc v{FORMAT_VERSION}, arch {printable(h.arch)}, estimator: {printable(h.estimator)}",
+    lines = [f"{source}: .dfmpc v{h.version}, arch {printable(h.arch)}, estimator: {printable(h.estimator)}",
+             f"input: {_input_text(h)}",
              f"{'#':>4}  {'layer':<40} {'role':<17} {'bits':>4} {'layout':<21} {'shape':<16} {'weights':>10} "
              f"{'bytes':>9} {'bits/w':>6}  status"]
     tensor_bad, row = 0, 0

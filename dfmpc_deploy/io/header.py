@@ -1,11 +1,14 @@
-"""The header of a ``.dfmpc`` file, format version 2: layout, limits, encoder and strict decoder (no torch).
+"""The header of a ``.dfmpc`` file, format version 3 (version 2 is read too): layout, limits, encoder and strict
+decoder (no torch).
 
 ``docs/FORMAT.md`` documents every byte; in short (all integers little-endian)::
 
-    preamble  16 B   magic 89 44 46 4D 50 43 0D 0A ("\\x89DFMPC\\r\\n"), u16 version = 2, u16 flags = 0, u32 H
+    preamble  16 B   magic 89 44 46 4D 50 43 0D 0A ("\\x89DFMPC\\r\\n"), u16 version = 3, u16 flags = 0, u32 H
     header     H B   fixed part (128 B): u64 x3 section lengths, 3 x 32-byte SHA-256 of the sections, u32 record
                      count R, u16 arch length A, u16 estimator length E; then arch (A B UTF-8), estimator (E B UTF-8),
-                     then R records, one per entry of the architecture's ``state_dict()``, in its order
+                     the input block (version 3 only: u8 0 = not recorded, or u8 1 + u16 C, H, W + f64 x 3 mean
+                     + f64 x 3 std + u16 resize, 0 = none), then R records, one per entry of the architecture's
+                     ``state_dict()``, in its order
     digest    32 B   SHA-256 of preamble + header
     payload          tensors section | scales section | codes section (their lengths are in the header)
 
@@ -30,20 +33,25 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..core.config import InputSpec
 from ..errors import BadFileError
 from .layouts import COMPRESSED_LAYOUTS, DEFLATE_MAX_RATIO, MAX_ELEMENTS, CodeLayout, layout_nbytes, layouts_for_bits
 
-__all__ = ["MAGIC", "FORMAT_VERSION", "PREAMBLE_BYTES", "DIGEST_BYTES", "MAX_HEADER_BYTES", "MAX_RECORDS",
-           "MAX_NAME_BYTES", "MAX_ARCH_BYTES", "MAX_ESTIMATOR_BYTES", "MAX_DIMS", "DTYPES", "LAYOUT_CODES",
-           "ROLE_CODES", "KINDS", "TensorRecord", "LayerRecord", "Header", "record_nbytes", "header_nbytes",
-           "encode_header", "parse_preamble", "parse_header", "layer_shape_ok", "printable"]
+__all__ = ["MAGIC", "FORMAT_VERSION", "READ_VERSIONS", "PREAMBLE_BYTES", "DIGEST_BYTES", "MAX_HEADER_BYTES",
+           "MAX_RECORDS", "MAX_NAME_BYTES", "MAX_ARCH_BYTES", "MAX_ESTIMATOR_BYTES", "MAX_DIMS", "DTYPES",
+           "LAYOUT_CODES", "ROLE_CODES", "KINDS", "TensorRecord", "LayerRecord", "Header", "record_nbytes",
+           "header_nbytes", "encode_header", "parse_preamble", "parse_header", "layer_shape_ok", "printable",
+           "input_nbytes"]
 
 MAGIC = b"\x89DFMPC\r\n"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: versions this reader accepts (2: no input block)
+READ_VERSIONS = (2, 3)
 PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header length H
 PREAMBLE_BYTES = PREAMBLE.size  # 16
 DIGEST_BYTES = 32
 FIXED = struct.Struct("<QQQ32s32s32sIHH")  # section lengths, section digests, record count, arch/estimator length
+INPUT = struct.Struct("<HHH3d3dH")  # version 3 input block after its presence byte: C, H, W, mean, std, resize
 MAX_HEADER_BYTES = 4 << 20  # ResNet-50's header is 8 KB
 MAX_RECORDS = 1 << 18
 MAX_NAME_BYTES = 255
@@ -125,6 +133,8 @@ class Header:
     estimator: str
     records: tuple[Record, ...]
     digests: tuple[bytes, bytes, bytes] = field(default=(bytes(32),) * 3)
+    input: InputSpec | None = None  # recorded input shape and normalisation (version 3)
+    version: int = FORMAT_VERSION
 
     @property
     def section_nbytes(self) -> tuple[int, int, int]:
@@ -173,9 +183,16 @@ def record_nbytes(record: Record, previous_name: str = "") -> int:
     return size + 10 + 4 * len(record.shape) + (4 if record.layout in COMPRESSED_LAYOUTS else 0)
 
 
-def header_nbytes(arch: str, estimator: str, records: Sequence[Record]) -> int:
+def input_nbytes(spec: InputSpec | None, version: int = FORMAT_VERSION) -> int:
+    """Bytes of the input block: none in version 2; 1 (not recorded) or 1 + 56 in version 3."""
+    return 0 if version < 3 else 1 + (INPUT.size if spec is not None else 0)
+
+
+def header_nbytes(arch: str, estimator: str, records: Sequence[Record], input: InputSpec | None = None,
+                  version: int = FORMAT_VERSION) -> int:
     """Bytes before the payload (preamble + header + digest), computed without encoding anything."""
     size = PREAMBLE_BYTES + FIXED.size + len(arch.encode("utf-8")) + len(estimator.encode("utf-8")) + DIGEST_BYTES
+    size += input_nbytes(input, version)
     prev = ""
     for r in records:
         size += record_nbytes(r, prev)
@@ -225,6 +242,7 @@ def encode_header(h: Header, spans: list | None = None) -> bytes:
     out.put("<H", len(est), "estimator_nbytes")
     out.raw(arch, "arch")
     out.raw(est, "estimator")
+    _encode_input(out, h)
     prev = b""
     for i, r in enumerate(h.records):
         name = r.name.encode("utf-8")
@@ -256,12 +274,42 @@ def encode_header(h: Header, spans: list | None = None) -> bytes:
     body = bytes(out.buf)
     if len(body) > MAX_HEADER_BYTES:
         raise ValueError(f"the header needs {len(body)} bytes; the limit is {MAX_HEADER_BYTES}")
-    pre = PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(body))
+    pre = PREAMBLE.pack(MAGIC, h.version, 0, len(body))
     if spans is not None:
         spans[:] = [("magic", 0, 8), ("version", 8, 2), ("flags", 10, 2), ("header_nbytes", 12, 4)] + [
             (w, PREAMBLE_BYTES + off, n) for w, off, n in spans]
         spans.append(("header_sha256", PREAMBLE_BYTES + len(body), DIGEST_BYTES))
     return pre + body + hashlib.sha256(pre + body).digest()
+
+
+def _encode_input(out: _Out, h: Header) -> None:
+    if h.version not in READ_VERSIONS:
+        raise ValueError(f"cannot write format version {h.version}; versions {READ_VERSIONS}")
+    if h.version < 3:
+        if h.input is not None:
+            raise ValueError("format version 2 has no input block")
+        return
+    out.put("<B", 0 if h.input is None else 1, "input_present")
+    if h.input is not None:
+        i = h.input
+        values = (*i.shape, *i.mean, *i.std, i.resize or 0)
+        for what, fmt, v in zip(("input_c", "input_h", "input_w", "mean0", "mean1", "mean2", "std0", "std1", "std2",
+                                 "resize"), "HHHddddddH", values):
+            out.put("<" + fmt, v, what)
+
+
+def _parse_input(src: _In, fail) -> InputSpec | None:
+    src.where = "the input block"
+    present = src.u8()
+    if present == 0:
+        return None
+    if present != 1:
+        raise fail(f"input block marker {present} is neither 0 (not recorded) nor 1")
+    c, h, w, *rest = INPUT.unpack(src.take(INPUT.size))
+    try:
+        return InputSpec((c, h, w), tuple(rest[0:3]), tuple(rest[3:6]), rest[6] or None)
+    except ValueError as err:
+        raise fail(f"bad input block: {err}") from None
 
 
 def parse_preamble(head: bytes, file_size: int, source: str) -> int:
@@ -277,11 +325,13 @@ def parse_preamble(head: bytes, file_size: int, source: str) -> int:
         if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (16 << 20):
             from .. import __version__
             raise BadFileError(f"{source} is a version-1 .dfmpc file; this dfmpc-deploy ({__version__}) reads "
-                               f"format version {FORMAT_VERSION} only: re-pack the model with it")
+                               f"format versions {' and '.join(map(str, READ_VERSIONS))} only: re-pack the model "
+                               f"with it")
         raise BadFileError(f"{source}: not a .dfmpc file (it starts with {head[:8].hex(' ')}, not "
                            f"{MAGIC.hex(' ')})")
-    if version != FORMAT_VERSION:
-        raise BadFileError(f"{source}: format version {version}; this dfmpc-deploy reads version {FORMAT_VERSION} "
+    if version not in READ_VERSIONS:
+        raise BadFileError(f"{source}: format version {version}; this dfmpc-deploy reads versions "
+                           f"{' and '.join(map(str, READ_VERSIONS))} "
                            f"({'upgrade dfmpc-deploy' if version > FORMAT_VERSION else 're-pack the model'})")
     if flags:
         raise BadFileError(f"{source}: unknown flags 0x{flags:04x} in the preamble (corrupt, or a newer writer)")
@@ -329,6 +379,7 @@ def parse_header(blob: bytes, file_size: int, source: str) -> Header:
         BadFileError: naming the first field that is out of range, inconsistent or does not fit the file.
     """
     n = parse_preamble(blob, file_size, source)
+    version = PREAMBLE.unpack(blob[:PREAMBLE_BYTES])[1]
     if len(blob) != PREAMBLE_BYTES + n + DIGEST_BYTES:
         raise BadFileError(f"{source}: truncated: the header needs {PREAMBLE_BYTES + n + DIGEST_BYTES} bytes")
     if hashlib.sha256(blob[:PREAMBLE_BYTES + n]).digest() != blob[PREAMBLE_BYTES + n:]:
@@ -346,6 +397,7 @@ def parse_header(blob: bytes, file_size: int, source: str) -> Header:
     if not (1 <= alen <= MAX_ARCH_BYTES and elen <= MAX_ESTIMATOR_BYTES):
         raise fail(f"arch/estimator lengths {alen}/{elen} exceed {MAX_ARCH_BYTES}/{MAX_ESTIMATOR_BYTES}")
     arch, estimator = src.text(alen, "the arch name"), src.text(elen, "the estimator")
+    spec = _parse_input(src, fail) if version >= 3 else None
     if count > MAX_RECORDS or 5 * count > len(src.buf) - src.pos:
         raise fail(f"record count {count} does not fit the header (limit {MAX_RECORDS}, 5+ bytes each)")
     records: list[Record] = []
@@ -412,7 +464,7 @@ def parse_header(blob: bytes, file_size: int, source: str) -> Header:
     for r in records:
         if isinstance(r, LayerRecord) and r.partner is not None and not isinstance(records[r.partner], LayerRecord):
             raise fail(f"layer '{printable(r.name)}': partner record {r.partner} is not a quantized layer")
-    h = Header(arch, estimator, tuple(records), (d0, d1, d2))
+    h = Header(arch, estimator, tuple(records), (d0, d1, d2), spec, version)
     if h.section_nbytes != tuple(sizes):
         raise fail(f"the records need sections of {list(h.section_nbytes)} bytes, the header declares {sizes}")
     return h

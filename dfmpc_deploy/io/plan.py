@@ -230,8 +230,8 @@ def plan_file(mp: MixedPrecisionModel, ternary_layout: CodeLayout = CodeLayout.T
             plan.tensors.append(raw_bytes(t))
         records.append(TensorRecord(key, name, tuple(t.shape)))
     digests = tuple(_sha256(p) if payload else bytes(32) for p in (plan.tensors, plan.scales, plan.codes))
-    plan.header = Header(arch, est, tuple(records), digests)  # type: ignore[arg-type]
-    plan.nbytes = header_nbytes(arch, est, records) + sum(plan.header.section_nbytes)
+    plan.header = Header(arch, est, tuple(records), digests, mp.input)  # type: ignore[arg-type]
+    plan.nbytes = header_nbytes(arch, est, records, mp.input) + sum(plan.header.section_nbytes)
     if payload:  # the pieces must be what the records say
         got = tuple(sum(len(b) for b in p) for p in (plan.tensors, plan.scales, plan.codes))
         if got != plan.header.section_nbytes:

@@ -69,7 +69,7 @@ def size_report(h: Header, fp32: int | None = None) -> dict:
             nominal += r.numel * r.bits
             ideal += r.numel * (math.log2(3) if r.bits == 2 else r.bits)
             cat["low_bit_codes" if r.role == "low" else "high_bit_codes"] += r.nbytes
-    metadata = header_nbytes(h.arch, h.estimator, h.records)
+    metadata = header_nbytes(h.arch, h.estimator, h.records, h.input, h.version)
     packed = metadata + sum(h.section_nbytes)
     if fp32 is None:
         fp32 = 4 * (weights + sum(math.prod(r.shape) for r in h.tensors if r.dtype in ("F32", "F64", "F16", "BF16")))

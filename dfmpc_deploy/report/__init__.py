@@ -17,6 +17,7 @@ from .model import (
     Accuracy,
     Allocation,
     Bits,
+    BuildSettings,
     Engine,
     EngineBuild,
     LatencyStats,
@@ -41,7 +42,7 @@ from .model import (
 from .schema import load_schema, report_schema, validate_report_json
 
 __all__ = ["FORMAT_VERSION", "BUILD_STAGES", "Report", "ReportError", "Bits", "PassRecord", "Recipe", "Runtime",
-           "Synthesis", "Statistics", "Pair", "Preprocessing", "TopK", "Accuracy", "Allocation", "Packing",
-           "PackedSize", "Sizes", "LatencyStats", "Parity", "EngineBuild", "Engine", "LayerRow", "layer_rows",
-           "json_config", "write_report", "read_report", "report_json", "render_markdown", "render_html",
-           "report_from_v1", "report_schema", "load_schema", "validate_report_json"]
+           "BuildSettings", "Synthesis", "Statistics", "Pair", "Preprocessing", "TopK", "Accuracy", "Allocation",
+           "Packing", "PackedSize", "Sizes", "LatencyStats", "Parity", "EngineBuild", "Engine", "LayerRow",
+           "layer_rows", "json_config", "write_report", "read_report", "report_json", "render_markdown",
+           "render_html", "report_from_v1", "report_schema", "load_schema", "validate_report_json"]

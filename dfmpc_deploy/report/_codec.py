@@ -31,8 +31,9 @@ from typing import Any, ClassVar, Literal, NewType, Union
 
 from ..errors import DfmpcError
 
-__all__ = ["Json", "JsonScalar", "BatchSize", "PATTERNS", "ReportError", "Invalid", "SectionError", "SectionTypeError",
-           "Section", "req", "opt", "convert", "decoded", "encode", "type_schema", "doc_line"]
+__all__ = ["Json", "JsonScalar", "BatchSize", "Sha256", "PATTERNS", "ReportError", "Invalid", "SectionError",
+           "SectionTypeError", "Section", "req", "opt", "convert", "decoded", "field_from_json", "encode",
+           "type_schema", "doc_line"]
 
 #: Any JSON value (finite numbers only). Used for the exact configuration of a pass.
 Json = Any
@@ -40,10 +41,12 @@ Json = Any
 JsonScalar = None | bool | int | float | str
 #: A batch size written as a JSON object key (``"1"``, ``"8"``, ``"32"``).
 BatchSize = NewType("BatchSize", str)
+#: A SHA-256 digest as 64 lowercase hex digits.
+Sha256 = NewType("Sha256", str)
 #: NewType strings and the pattern their values must match.
 #: (``(?![\s\S])`` is the end of the string in both ECMA-262 and Python regexes; ``$`` also matches before a final
 #: newline in Python's.)
-PATTERNS: dict[Any, str] = {BatchSize: r"^[1-9][0-9]*(?![\s\S])"}
+PATTERNS: dict[Any, str] = {BatchSize: r"^[1-9][0-9]*(?![\s\S])", Sha256: r"^[0-9a-f]{64}(?![\s\S])"}
 
 DOC, OMIT, MIN, MAX = "doc", "omit", "minimum", "maximum"
 
@@ -327,6 +330,21 @@ class Section:
                 required.append(f.name)
         return {"type": "object", "description": doc_line(cls), "properties": props,
                 "required": required, "additionalProperties": False}
+
+
+def field_from_json(cls: type[Section], name: str, value: Any, where: str) -> Any:
+    """Field ``name`` of section ``cls`` decoded from its JSON form; :class:`Invalid` becomes a :class:`ReportError`.
+
+    Raises:
+        ReportError: ``name`` is not a field of ``cls``, or ``value`` does not fit it (one line, ``where.name...``).
+    """
+    hints = dict((f.name, tp) for f, tp in cls._fields())
+    if name not in hints:
+        raise ReportError(f"{where}: no section {name!r}")
+    try:
+        return convert(hints[name], value, f"{where}.{name}", json=True)
+    except Invalid as err:
+        raise ReportError(f"{err.path}: {err.msg}") from None
 
 
 def decoded(cls: type[Section], data: Any, where: str) -> Any:

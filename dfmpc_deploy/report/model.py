@@ -24,7 +24,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ._codec import BatchSize, Invalid, Json, JsonScalar, ReportError, Section, convert, decoded, opt, req
+from ._codec import (
+    BatchSize,
+    Invalid,
+    Json,
+    JsonScalar,
+    ReportError,
+    Section,
+    Sha256,
+    decoded,
+    field_from_json,
+    opt,
+    req,
+)
 from .measurements import (
     Accuracy,
     Allocation,
@@ -41,7 +53,8 @@ from .measurements import (
 if TYPE_CHECKING:
     from ..core.state import MixedPrecisionModel
 
-__all__ = ["FORMAT_VERSION", "ReportError", "Bits", "PassRecord", "Recipe", "Runtime", "Synthesis", "Statistics",
+__all__ = ["FORMAT_VERSION", "ReportError", "Bits", "PassRecord", "Recipe", "Runtime", "BuildSettings", "Synthesis",
+           "Statistics",
            "Pair", "Preprocessing", "TopK", "Accuracy", "Allocation", "Packing", "PackedSize", "Sizes",
            "LatencyStats", "Parity", "EngineBuild", "Engine", "LayerRow", "Report", "layer_rows", "json_config",
            "BUILD_STAGES"]
@@ -129,6 +142,20 @@ class Runtime(Section):
     threads: int = req("torch intra-op threads", minimum=1)
     device: Literal["cpu", "cuda"] = req("device of the quantization passes")
     torch: str = req("torch version")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildSettings(Section):
+    """The build's own settings as given, and the weights file's checksum: with ``recipe.passes`` (the exact pass
+    configurations) and ``runtime`` (threads, device), what ``build --from-report`` replays."""
+
+    options: dict[str, Json] = req("every build option (field: value) but --out and --force, as the build ran with "
+                                   "it (null = the default); data paths absolute")
+    settings: dict[str, Json] = req("the pass settings given (field: value); recipe.passes has every pass's full "
+                                    "configuration")
+    weights_path: str | None = req("absolute path of the weights file, or null (pretrained, random, a module)")
+    weights_sha256: Sha256 | None = req("SHA-256 of the weights file (hex), or null")
+    version: str = req("dfmpc-deploy version that built it")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -258,6 +285,8 @@ class Report(Section):
     bits: Bits = req("bit widths")
     recipe: Recipe = req("the method and its passes as they ran")
     runtime: Runtime | None = opt("where the build ran (absent in reports converted from format 1)")
+    build: BuildSettings | None = opt("the settings as given and the weights checksum, for build --from-report "
+                                      "(absent in reports of dfmpc-deploy <= 0.2.0)")
     statistics: Statistics | None = opt("BN statistics source (absent in reports converted from format 1)")
     pairs: tuple[Pair, ...] | None = opt("layer pairs from the graph (absent in reports converted from format 1)")
     input_shape: tuple[int, int, int] = req("C, H, W")
@@ -335,13 +364,7 @@ class Report(Section):
         Raises:
             ReportError: ``name`` is not a field, or ``value`` does not fit it.
         """
-        hints = dict((f.name, tp) for f, tp in cls._fields())
-        if name not in hints:
-            raise ReportError(f"report: no section {name!r}")
-        try:
-            return convert(hints[name], value, f"report.{name}", json=True)
-        except Invalid as err:
-            raise ReportError(f"{err.path}: {err.msg}") from None
+        return field_from_json(cls, name, value, "report")
 
 
 # ---------------------------------------------------------------------------------------------- constructors

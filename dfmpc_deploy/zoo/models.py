@@ -17,7 +17,9 @@ its weights' source, passes :func:`~dfmpc_deploy.core.validate.check_weights` be
 """
 from __future__ import annotations
 
+import copy
 import difflib
+import hashlib
 import importlib
 import logging
 import math
@@ -40,7 +42,8 @@ from .cifar_resnet import OPTA_DEPTHS, CifarResNet
 from .torchvision_arch import RESNET_DEPTHS, tv_mobilenet_v2, tv_resnet
 
 __all__ = ["ModelSpec", "REGISTRY", "model_names", "get_spec", "load_model", "load_state_dict_file", "LoadedModel",
-           "WEIGHTS_FORMATS", "detect_layout", "resolve_spec", "settle_bn_statistics_"]
+           "WEIGHTS_FORMATS", "detect_layout", "resolve_spec", "settle_bn_statistics_", "file_sha256",
+           "model_from_module"]
 
 WEIGHTS_FORMATS = ("auto", "pytorchcv", "torchvision", "torchvision-quantized", "native")
 
@@ -100,7 +103,8 @@ class LoadedModel:
     module: nn.Module
     spec: ModelSpec  # the architecture actually built (after --weights-format resolution)
     weights: str  # "pretrained" | "random" | a file path | "module"
-    extra: dict = field(default_factory=dict)  # "weights_format": layout; "notes": list of one-line remarks
+    extra: dict = field(default_factory=dict)  # "weights_format": layout; "notes": list of one-line remarks;
+    # "sha256": hex SHA-256 of a weights file
 
     @property
     def arch(self) -> str:
@@ -200,6 +204,23 @@ def get_spec(name: str) -> ModelSpec:
                          if n not in prefixed])[:4]
     hint = f"did you mean {', '.join(close)}?" if close else "run 'dfmpc-deploy models' for the list"
     raise DfmpcError(f"unknown model '{name}': {hint}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (weights files in build reports, so a rebuild can check them;
+    packed files in export reports).
+
+    Raises:
+        DfmpcError: the file cannot be read.
+    """
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as err:
+        raise DfmpcError(f"cannot read '{path}': {err.strerror or err}") from None
+    return h.hexdigest()
 
 
 def load_state_dict_file(path: str | os.PathLike, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -444,6 +465,7 @@ def load_model(name: str, weights: str = "pretrained", seed: int = 0, unsafe_pic
             settle_bn_statistics_(model, (3, spec.input_size, spec.input_size), seed)
     else:
         sd = load_state_dict_file(weights, unsafe_pickle=unsafe_pickle)
+        digest = file_sha256(weights)
         spec = resolve_spec(name, weights_format, keys=list(sd), origin=str(weights))
         with torch.random.fork_rng(devices=[]):  # the initial values are all overwritten
             model = spec.build(False)
@@ -471,4 +493,45 @@ def load_model(name: str, weights: str = "pretrained", seed: int = 0, unsafe_pic
     for note in notes:
         log.warning("warning: %s", note)
     check_weights(model)
-    return LoadedModel(model.eval(), spec, weights, {"weights_format": spec.layout, "notes": notes})
+    extra: dict[str, Any] = {"weights_format": spec.layout, "notes": notes}
+    if weights not in ("random", "pretrained"):
+        extra["sha256"] = digest
+    return LoadedModel(model.eval(), spec, weights, extra)
+
+
+@torch.no_grad()
+def model_from_module(module: nn.Module, name: str, input_shape: tuple[int, int, int],
+                      mean: tuple[float, float, float], std: tuple[float, float, float]) -> LoadedModel:
+    """Your own ``nn.Module`` as a :class:`LoadedModel` (the ``load`` stage for the Python API's ``build``).
+
+    The module is checked like any loaded model (:func:`~dfmpc_deploy.core.validate.check_weights`) and run once on
+    zeros to learn its class count; it is not modified (a copy is put in eval mode). The spec's ``build`` returns a
+    fresh copy of it, so a packed file of it loads with ``load_packed(path, model=module)``.
+
+    Args:
+        module: the FP32 model.
+        name: the name recorded in reports and packed files (e.g. the class name).
+        input_shape: (C, H, W) of one input.
+        mean, std: the input normalisation its training used, per channel of pixels in [0, 1].
+
+    Raises:
+        DfmpcError: not an nn.Module, weights that fail the checks, or a forward pass that fails on zeros.
+    """
+    if not isinstance(module, nn.Module):
+        raise DfmpcError(f"model must be an nn.Module or a model name, got {type(module).__name__}")
+    model = copy.deepcopy(module).eval()
+    check_weights(model)
+    try:
+        out = model(torch.zeros((1, *input_shape)))
+    except Exception as err:  # noqa: BLE001 - any error of the user's forward means the input shape does not fit
+        raise DfmpcError(f"{name}: a forward pass on a zero input of shape {tuple(input_shape)} failed "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); pass the "
+                         f"input_shape your model takes") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise DfmpcError(f"{name}: the model must return (batch, classes) logits, got "
+                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    spec = ModelSpec(name, lambda _: copy.deepcopy(module), int(input_shape[-1]), tuple(mean),  # type: ignore[arg-type]
+                     tuple(std), None, int(out.shape[1]), "nn.Module given to the Python API", layout="native")  # type: ignore[arg-type]
+    notes = [] if bn_status(model) == "real" else [
+        f"{name}: its BatchNorm layers carry no trained statistics ({bn_status(model)})"]
+    return LoadedModel(model, spec, "module", {"weights_format": "module", "notes": notes})

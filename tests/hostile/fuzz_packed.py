@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from dfmpc_deploy.core.config import InputSpec
 from dfmpc_deploy.errors import DfmpcError
 from dfmpc_deploy.io.container import inspect_packed, load_packed, save_packed
 from dfmpc_deploy.io.header import DTYPES, LayerRecord, TensorRecord
@@ -71,6 +72,8 @@ def make_bases(tmp: Path) -> list[Base]:
     bases = []
     for name, make, kw in specs:
         mp = compensate(make(), (3, 16, 16), **quick_config(), arch=name)
+        if name == "relu6-base3":  # one base records its input (format 3's input block is fuzzed too)
+            mp.input = InputSpec((3, 16, 16), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), resize=18)
         save_packed(mp, tmp / f"{name}.dfmpc", **kw)
         data = (tmp / f"{name}.dfmpc").read_bytes()
         bases.append(Base(name, make(), data, field_spans(data), variant_inputs(2), split(data)))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
+import struct
 import subprocess
 import sys
 
@@ -10,13 +12,25 @@ import pytest
 import torch
 from torch import nn
 
+from dfmpc_deploy.core.config import InputSpec
 from dfmpc_deploy.errors import BadFileError, DfmpcError
 from dfmpc_deploy.io import container as P
 from dfmpc_deploy.io.container import InspectResult, inspect_packed, load_packed, save_packed
 from dfmpc_deploy.io.header import MAGIC
+from dfmpc_deploy.io.sizes import packed_nbytes
 from dfmpc_deploy.passes.recipes import compensate
 from tests.conftest import ROOT
-from tests.io.helpers import assert_same_model, bell_net, forward, quick_config, split, variant_inputs, variant_net
+from tests.io.helpers import (
+    assert_same_model,
+    bell_net,
+    field_spans,
+    forward,
+    quick_config,
+    resign,
+    split,
+    variant_inputs,
+    variant_net,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,7 +51,7 @@ def test_tiny_round_trip_bit_exact(tiny_models, tmp_path, variant, layout):
     assert path.read_bytes()[:8] == MAGIC
     back = load_packed(path, model=net)
     assert_same_model(mp, back, variant_inputs())
-    assert back.info["format_version"] == P.FORMAT_VERSION == 2 and not back.module.training
+    assert back.info["format_version"] == P.FORMAT_VERSION == 3 and not back.module.training
     assert {L.layout for L in split(path.read_bytes())[0].layers} == {layout, "kbit"}
     if variant == "relu6":
         assert any(q.in_scale is not None for q in back.layers.values())
@@ -236,3 +250,50 @@ def test_resnet18_round_trip_default_skeleton(tmp_path):
     back = load_packed(tmp_path / "r18.dfmpc")
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     assert torch.equal(forward(back.module, x), forward(mp.module, x))
+
+
+# ------------------------------------------------------------------------------------------------ format versions
+
+V2_FILE = ROOT / "tests" / "io" / "data" / "tiny_relu6_v2.dfmpc"  # written by dfmpc-deploy 0.2.0 (format 2)
+
+
+def test_version_2_files_still_load():
+    expected = json.loads(V2_FILE.with_name("tiny_relu6_v2_logits.json").read_text())["logits_hex"]
+    back = load_packed(V2_FILE, model=variant_net("relu6"))
+    assert back.info["format_version"] == 2 and back.input is None and back.arch == "tiny-relu6"
+    y = forward(back.module, variant_inputs())
+    torch.testing.assert_close(y, torch.tensor([[float.fromhex(v) for v in row] for row in expected]),
+                               rtol=0, atol=1e-6)
+    result = inspect_packed(V2_FILE)
+    assert result.ok and ".dfmpc v2" in result.text and "input: not recorded (format version 2)" in result.text
+    assert result.report["packed"] == V2_FILE.stat().st_size
+
+
+def test_input_spec_is_recorded(tiny_models, tmp_path):
+    net, mp = tiny_models["relu6"]
+    spec = InputSpec((3, 16, 16), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), resize=18)
+    with_input = dataclasses.replace(mp, input=spec)
+    save_packed(with_input, tmp_path / "a.dfmpc")
+    save_packed(mp, tmp_path / "b.dfmpc")
+    a, b = (tmp_path / "a.dfmpc").stat().st_size, (tmp_path / "b.dfmpc").stat().st_size
+    assert a == b + 56 == packed_nbytes(with_input) and b == packed_nbytes(mp)
+    back = load_packed(tmp_path / "a.dfmpc", model=net)
+    assert back.input == spec and back.info["format_version"] == 3  # float64 mean/std: bit-exact
+    assert load_packed(tmp_path / "b.dfmpc", model=net).input is None
+    assert "input: 3x16x16, mean 0.4914, 0.4822, 0.4465, std 0.2023, 0.1994, 0.201, resize 18" in \
+        inspect_packed(tmp_path / "a.dfmpc").text
+
+
+@pytest.mark.parametrize("field, value, msg", [("input_present", 2, "input block marker 2"),
+                                               ("input_h", 0, "bad input block: input shape"),
+                                               ("std1", 0, "bad input block: input normalisation")])
+def test_bad_input_block_is_refused(tiny_models, tmp_path, field, value, msg):
+    _, mp = tiny_models["relu"]
+    spec = InputSpec((3, 16, 16), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    save_packed(dataclasses.replace(mp, input=spec), tmp_path / "m.dfmpc")
+    data = (tmp_path / "m.dfmpc").read_bytes()
+    _, off, size = next(s for s in field_spans(data) if s[0] == field)
+    raw = struct.pack("<d", value) if size == 8 else value.to_bytes(size, "little")
+    (tmp_path / "bad.dfmpc").write_bytes(resign(data[:off] + raw + data[off + size:]))
+    with pytest.raises(BadFileError, match=msg):
+        load_packed(tmp_path / "bad.dfmpc", model=variant_net("relu"))

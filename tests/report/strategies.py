@@ -8,7 +8,7 @@ from typing import Any, Literal, Union
 from hypothesis import strategies as st
 
 from dfmpc_deploy.report import model as M
-from dfmpc_deploy.report._codec import OMIT, PATTERNS, Section
+from dfmpc_deploy.report._codec import OMIT, PATTERNS, Section, Sha256
 
 _TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=10)  # anything: '<', '|', control characters
 
@@ -41,6 +41,8 @@ def for_type(tp: Any, lo: float | None = None, hi: float | None = None) -> st.Se
         return _number(tp, lo, hi)
     if tp is str:
         return _TEXT
+    if tp is Sha256:
+        return st.binary(min_size=32, max_size=32).map(bytes.hex)
     if tp in PATTERNS:
         return st.integers(1, 512).map(str)
     if origin is Literal:
