@@ -33,7 +33,7 @@ from torch import nn
 log = logging.getLogger("calib_free")
 
 __all__ = ["SynthResult", "SynthBudget", "synth_budget", "synthesize_inputs", "bn_matching_hooks",
-           "bn_matching_loss"]
+           "bn_matching_loss", "bn_matching_losses", "bn_mismatch"]
 
 
 @dataclass(frozen=True)
@@ -81,31 +81,53 @@ class SynthResult:
     coarse_steps: int = 0
 
 
-def bn_matching_hooks(model: nn.Module, store: list) -> list:
-    """Forward hooks appending each BN layer's scale-free statistics mismatch to ``store`` (removed by the caller).
+def bn_mismatch(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Scale-free mismatch between the batch statistics of ``x`` (a BN layer's input) and what ``bn`` stored: per
+    channel ``((mu - mean) / sd)^2 + (sqrt(var + eps) / sd - 1)^2``, averaged, with ``sd = sqrt(running_var + eps)``,
+    so every layer counts alike whatever its activation scale.
 
     The batch moments are taken as sums (``E[x^2] - E[x]^2``): one pass each, about 20 % faster per synthesis step
     than ``Tensor.var`` on a CPU; in float32 the cancellation error is far below the mismatch being minimised.
     """
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
-            def hook(mod, inp, out, mod_ref=m):
-                x = inp[0]
-                count = x.numel() // x.shape[1]
-                mu = x.sum(dim=(0, 2, 3)) / count
-                var = ((x * x).sum(dim=(0, 2, 3)) / count - mu * mu).clamp_min(0)
-                sd_ref = torch.sqrt(mod_ref.running_var + mod_ref.eps)
-                # Scale-free per-channel mismatch: every layer counts alike whatever its activation scale.
-                store.append((((mu - mod_ref.running_mean) / sd_ref) ** 2).mean()
-                             + ((torch.sqrt(var + mod_ref.eps) / sd_ref - 1) ** 2).mean())
-            hooks.append(m.register_forward_hook(hook))
-    return hooks
+    count = x.numel() // x.shape[1]
+    mu = x.sum(dim=(0, 2, 3)) / count
+    var = ((x * x).sum(dim=(0, 2, 3)) / count - mu * mu).clamp_min(0)
+    sd_ref = torch.sqrt(bn.running_var + bn.eps)
+    return ((((mu - bn.running_mean) / sd_ref) ** 2).mean()
+            + ((torch.sqrt(var + bn.eps) / sd_ref - 1) ** 2).mean())
+
+
+def _stat_bns(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None]
+
+
+def bn_matching_hooks(model: nn.Module, store: list) -> list:
+    """Forward hooks appending each BN layer's :func:`bn_mismatch` to ``store`` (removed by the caller)."""
+    return [m.register_forward_hook(lambda mod, inp, out: store.append(bn_mismatch(inp[0], mod)))
+            for _, m in _stat_bns(model)]
+
+
+@torch.no_grad()
+def bn_matching_losses(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Per BN layer (by module name, in call order), the :func:`bn_mismatch` of ``model`` on ``x``: how well
+    synthetic inputs reproduce each layer's stored statistics (0 = exactly)."""
+    out: dict[str, float] = {}
+
+    def record(name: str, mod: nn.BatchNorm2d, x: torch.Tensor) -> None:  # a hook's return value replaces the output
+        out.setdefault(name, float(bn_mismatch(x, mod)))
+
+    hooks = [m.register_forward_hook(lambda mod, inp, o, name=n: record(name, mod, inp[0])) for n, m in _stat_bns(model)]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
 
 
 @torch.no_grad()
 def bn_matching_loss(model: nn.Module, x: torch.Tensor) -> float:
-    """The scale-free BN-matching loss (:func:`bn_matching_hooks`, summed over layers) of ``model`` on ``x``."""
+    """The scale-free BN-matching loss (:func:`bn_mismatch`, summed over layers) of ``model`` on ``x``."""
     store: list = []
     hooks = bn_matching_hooks(model, store)
     try:

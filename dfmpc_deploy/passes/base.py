@@ -29,6 +29,7 @@ from ..core.graph import GraphAnalysis
 from ..core.options import flag_of
 from ..core.state import MixedPrecisionModel, QuantLayer
 from ..errors import DfmpcError, UsageError
+from .guard import guarded_apply
 
 __all__ = ["Pass", "Context", "PassRecord", "RecipeRun", "Recipe", "run_recipe", "json_value"]
 
@@ -66,6 +67,8 @@ class Context:
         bits: the low/high widths the quantize pass used (later passes choose within them).
         per_channel: whether the quantizer ranges are per output channel.
         inputs: calibration inputs (synthetic, or real for the labelled reference), None when there are none.
+        holdout: synthetic inputs held out from ``inputs`` (another seed), on which guarded passes are judged
+            (passes/guard.py); None when there are none.
         estimator: one line saying where the low-bit layers' BN statistics come from.
         real_inputs: real images, only for the labelled real-data reference.
         bn_status: what the model's BN layers carry: ``real``, ``identity`` or ``absent`` (core.stats).
@@ -84,6 +87,7 @@ class Context:
     bits: BitsSpec = BitsSpec(2, 6)
     per_channel: bool = False
     inputs: torch.Tensor | None = None
+    holdout: torch.Tensor | None = None
     estimator: str = "none (FP statistics kept)"
     real_inputs: torch.Tensor | None = None
     bn_status: str = "real"
@@ -99,6 +103,8 @@ class Pass:
     """Base of every pass: subclasses are frozen dataclasses (their fields are the configuration) with one apply."""
 
     name: ClassVar[str] = ""
+    #: a correction judged by the data-free guard (passes/guard.py): undone when it does not help
+    guarded: ClassVar[bool] = False
 
     def apply(self, ctx: Context) -> dict[str, Any]:
         """Do the pass's work on ``ctx``; returns what it measured (JSON-ready scalars / small dicts)."""
@@ -162,6 +168,8 @@ class Recipe:
         without_statistics: what happens on a model whose BN layers carry no statistics (identity or absent, e.g.
             BN folded before publication): ``run`` (the recipe needs none), ``refuse`` (it cannot work: one line
             says why), or the name of the recipe that runs instead (said in the overrides).
+        guard: whether the passes that are corrections (``Pass.guarded``) are judged by the data-free guard
+            (passes/guard.py) and undone when they do not help.
         adapt: optional ``(graph, model, settings) -> (settings, messages)``: settings the user left unset that the
             recipe chooses from the model's graph (each choice said in the overrides).
     """
@@ -172,6 +180,7 @@ class Recipe:
     fine_tuning: bool
     passes: tuple[PassSpec, ...]
     without_statistics: str = "run"
+    guard: bool = False
     adapt: Callable[[GraphAnalysis, nn.Module, dict[str, Any]], tuple[dict[str, Any], list[str]]] | None = None
 
     def __post_init__(self) -> None:
@@ -314,7 +323,7 @@ def run_recipe(recipe: Recipe, model: nn.Module, input_shape: tuple[int, int, in
     try:
         for p in passes:
             t = time.perf_counter()
-            info = p.apply(ctx) or {}
+            info = guarded_apply(p, ctx) if recipe.guard and p.guarded else (p.apply(ctx) or {})
             seconds = time.perf_counter() - t
             records.append(PassRecord(p.name, p.config(), round(seconds, 4), json_value(info)))
             log.info("pass %s: %.3f s %s", p.name, seconds, info)

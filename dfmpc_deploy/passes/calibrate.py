@@ -14,12 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from calib_free import synth_budget, synthesize_inputs
+from calib_free.synth import bn_matching_losses
 
 from ..core.options import nonnegative_int, option, positive_int, require_finite
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
 
 __all__ = ["Calibrate", "RECAL_CHOICES"]
+
+#: offset of the held-out inputs' seed from the build seed (any fixed value other than 0 gives other inputs)
+HOLDOUT_SEED = 7919
 
 #: where the statistics come from; ``real`` is a labelled reference that needs data
 RECAL_CHOICES = ("synthetic", "none", "real")
@@ -34,6 +38,8 @@ class Calibrate(Pass):
         recal: ``synthetic`` (data-free), ``none`` (FP statistics kept) or ``real`` (reference, reads data).
         synth_samples, synth_steps: synthesis budget; None = chosen for the input size.
         synth_lr: Adam learning rate of the synthesis.
+        holdout_samples: synthetic inputs held out (another seed) for the data-free guard (passes/guard.py);
+            None = half of the samples, at least 2; 0 = none (no guard).
     """
 
     name = "calibrate"
@@ -46,6 +52,7 @@ class Calibrate(Pass):
                                      help="at most N synthesis steps; stops early when the loss stops improving "
                                           "(default: 100 up to 64x64 px, 40 above)")
     synth_lr: float = 0.25
+    holdout_samples: int | None = None
 
     def __post_init__(self) -> None:
         if self.recal not in RECAL_CHOICES:
@@ -55,6 +62,9 @@ class Calibrate(Pass):
         if self.synth_steps is not None and not (isinstance(self.synth_steps, int) and self.synth_steps >= 0):
             raise UsageError(f"bad --synth-steps {self.synth_steps!r}: give 0 or more, e.g. 100")
         require_finite("synth_lr", self.synth_lr, lo=1e-9)
+        if self.holdout_samples is not None and not (isinstance(self.holdout_samples, int)
+                                                     and self.holdout_samples >= 0):
+            raise UsageError(f"bad holdout_samples {self.holdout_samples!r}: give 0 or more")
 
     def apply(self, ctx: Context) -> dict:
         if self.recal == "none":
@@ -78,13 +88,35 @@ class Calibrate(Pass):
         syn = synthesize_inputs(fp, ctx.input_shape, n=n, steps=steps, lr=self.synth_lr, seed=ctx.seed,
                                 progress=ctx.task("synthesise inputs"), device=ctx.device, coarse=budget.coarse)
         ctx.inputs = syn.inputs
+        n_hold = max(2, n // 2) if self.holdout_samples is None else self.holdout_samples
+        hold = None
+        if n_hold:
+            hold = synthesize_inputs(fp, ctx.input_shape, n=n_hold, steps=steps, lr=self.synth_lr,
+                                     seed=ctx.seed + HOLDOUT_SEED, progress=ctx.task("synthesise held-out inputs"),
+                                     device=ctx.device, coarse=budget.coarse)
+            ctx.holdout = hold.inputs
         c2f = f", the first {syn.coarse_steps} at half size" if syn.coarse_steps else ""
         ctx.estimator = (f"synthetic BN-statistics matching ({n} samples at {ctx.input_shape[1]}x{ctx.input_shape[2]} "
                          f"px, {syn.steps} Adam steps{c2f}; no data)")
+        per_bn = bn_matching_losses(fp, syn.inputs)
         return {"source": "synthetic", "samples": n, "steps_run": syn.steps, "steps_max": steps,
                 "coarse_steps": syn.coarse_steps,
                 "resolution": int(ctx.input_shape[1]), "stopped_early": syn.stopped_early,
-                "loss_initial": round(syn.initial_loss, 5), "loss_final": round(syn.final_loss, 5)}
+                "loss_initial": round(syn.initial_loss, 5), "loss_final": round(syn.final_loss, 5),
+                "holdout_samples": n_hold, "holdout_loss_final": None if hold is None else round(hold.final_loss, 5),
+                "per_bn": synthesis_quality(per_bn)}
+
+
+def synthesis_quality(per_bn: dict[str, float]) -> dict:
+    """Summary of the per-BN-layer matching loss (:func:`calib_free.synth.bn_matching_losses`) for the report: the
+    layer count, median and mean, the layers above 1 (a mismatch of about one standard deviation or more), and the
+    five worst layers (``name loss``, comma-separated)."""
+    vals = sorted(per_bn.values())
+    if not vals:
+        return {"layers": 0}
+    worst = sorted(per_bn.items(), key=lambda kv: -kv[1])[:5]
+    return {"layers": len(vals), "median": round(vals[len(vals) // 2], 4), "mean": round(sum(vals) / len(vals), 4),
+            "above_1": sum(v > 1 for v in vals), "worst": ", ".join(f"{k} {v:.3g}" for k, v in worst)}
 
 
 def _on(model, device):

@@ -8,7 +8,10 @@ accounting are identical; only how the weights and the float state (BN statistic
 ``rtn``        quantize (round-to-nearest, FP statistics).
 ``dfq``        equalize -> quantize -> bias_correct (Nagel et al. 2019: CLE + analytic bias correction, data-free).
 ``dfmpc``      quantize -> calibrate -> allocate -> recalibrate -> solve_c: this project's default (synthetic
-               statistics, error feedback, grid search; c solved and reported; allocation only under a budget).
+               inputs, statistics corrected by the change quantization makes or re-estimated (chosen on held-out
+               synthetic inputs), error feedback on every layer, grid search; c solved and reported; allocation
+               only under a budget). Recalibrate is guarded: undone when it does not bring the model closer to the
+               FP model on held-out synthetic inputs (passes/guard.py).
 ``dfmpc-paper`` quantize -> solve_c (folded): the equations as printed (FP statistics, nearest rounding).
 ``zeroq``      quantize -> calibrate -> recalibrate (every BN, nearest rounding): Cai et al. 2020.
 ``gdfq``       quantize -> finetune: Xu et al. 2020 (generator + straight-through fine-tuning).
@@ -74,18 +77,19 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("dfq", "DFQ (Nagel 2019): cross-layer equalization + analytic bias correction", "none", False,
            ((Equalize, {}), (Quantize, {}), (BiasCorrect, {}))),
     Recipe("dfmpc", "DF-MPC: low/high pairs, closed-form c, data-free BN statistics", "synthetic", False, _DFMPC,
-           without_statistics="dfmpc-weights"),
+           without_statistics="dfmpc-weights", guard=True),
     Recipe("dfmpc-paper", "DF-MPC as printed: closed-form c folded, FP statistics, nearest rounding", "none", False,
            ((Quantize, {}), (SolveC, {"c_mode": "paper"}))),
     Recipe("zeroq", "ZeroQ: BN-statistics-matched synthetic inputs, every BN re-estimated", "synthetic", False,
            ((Quantize, {}), (Calibrate, {"recal": "synthetic"}),
-            (Recalibrate, {"rounding": "nearest", "recal_scope": "all"})), without_statistics="refuse"),
+            (Recalibrate, {"rounding": "nearest", "recal_scope": "all", "stats": "absolute"})),
+           without_statistics="refuse"),
     Recipe("gdfq", "GDFQ (Xu 2020): generator (BN statistics + class boundary) then STE fine-tuning", "synthetic", True,
            ((Quantize, {}), (Finetune, {})), without_statistics="refuse"),
     Recipe("dfmpc-alloc", "DF-MPC with per-layer widths from data-free sensitivity under the same size budget",
            "synthetic", False,
            ((Quantize, {}), (Calibrate, {}), (Allocate, {"default_budget": "fixed-pairing"}), (Recalibrate, {}),
-            (SolveC, {})), without_statistics="dfmpc-weights"),
+            (SolveC, {})), without_statistics="dfmpc-weights", guard=True),
     Recipe("dfmpc-weights", "DF-MPC from the weights alone (no BN statistics): CLE for per-tensor grids, grid step "
            "by weight error, bias correction from propagated moments", "none", False,
            ((EqualizeForGrid, {}), (Quantize, {}), (FitWeights, {"fit_c": False}), (CorrectBias, {})),

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["nearest_codes", "inverse_factor", "gptq_codes", "direction_error", "best_grid_codes",
-           "input_second_moment", "GRID_MULTIPLIERS", "supported"]
+           "input_second_moment", "GRID_MULTIPLIERS", "supported", "grouped_codes"]
 
 #: run the column loop of a float32 CPU block through numpy (same results; tests switch it off to compare)
 _NUMPY_LOOP = True
@@ -62,18 +62,19 @@ def inverse_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, t
     must be zeroed by the caller (they never reach the output).
 
     Args:
-        h: (K, K) symmetric positive semi-definite second moment.
+        h: (K, K) symmetric positive semi-definite second moment, or a batch (G, K, K) of them (one per group of a
+            grouped convolution; the dead columns are then (G, K)).
         damp: relative diagonal loading for conditioning (GPTQ's 1 %).
     """
     h = h.clone()
-    k = h.shape[0]
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    h.diagonal().add_(damp * torch.diag(h).mean())
-    lower = torch.linalg.cholesky(torch.flip(h, (0, 1)))  # J H J: both orders reversed
-    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    diag = h.diagonal(dim1=-2, dim2=-1)  # a view: writes land in h
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag.add_(damp * diag.mean(-1, keepdim=True))
+    lower = torch.linalg.cholesky(torch.flip(h, (-2, -1)))  # J H J: both orders reversed
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(h)
     inv_lower = torch.linalg.solve_triangular(lower, eye, upper=False)
-    return torch.flip(inv_lower, (0, 1)), dead
+    return torch.flip(inv_lower, (-2, -1)), dead
 
 
 @torch.no_grad()
@@ -189,9 +190,80 @@ def best_grid_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits:
     return gptq_codes(w, u, chosen, bits), chosen, best_m
 
 
+@torch.no_grad()
+def grouped_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: int, groups: int,
+                  multipliers: tuple[float, ...] = (1.0,), damp: float = 0.01
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Error feedback for a grouped (e.g. depthwise) convolution: each group's rows use that group's input second
+    moment, every group rounded at once (the column loop is over the few columns of one group: 9 for a 3x3
+    depthwise layer). The grid step is searched over ``multipliers`` as in :func:`best_grid_codes` (every row
+    takes part: rounding all groups costs little).
+
+    Args:
+        w: (rows, K) FP weight, rows = groups x rows per group, K = in-channels per group x kh x kw.
+        h: (groups, K, K) per-group input second moments (:func:`input_second_moment`).
+        scale, bits, multipliers, damp: as :func:`best_grid_codes`.
+
+    Returns:
+        (codes (rows, K), scale (rows,) of the chosen grid, the chosen multiplier).
+    """
+    rows, k = w.shape
+    u, dead = inverse_factor(h.float(), damp)
+    wg = w.float().reshape(groups, rows // groups, k).clone()
+    wg.masked_fill_(dead[:, None, :], 0.0)
+    best: tuple[float, torch.Tensor, torch.Tensor, float] | None = None
+    for m in multipliers:
+        s = (scale.float() * m).reshape(groups, rows // groups)
+        codes = _grouped_gptq(wg, u, s, bits)
+        err = _grouped_direction_error(codes, s, wg, h.float())
+        if best is None or err < best[0]:
+            best = (err, codes, s, m)
+    assert best is not None
+    _, codes, s, m = best
+    return codes.reshape(rows, k), s.reshape(rows), m
+
+
+def _grouped_gptq(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`gptq_codes` batched over groups: ``w`` (G, R, K), ``u`` (G, K, K), ``s`` (G, R)."""
+    w = w.clone()
+    codes = torch.empty_like(w)
+    s = s[..., None]
+    s_round = torch.where(s > 0, s, torch.ones_like(s))
+    for i in range(w.shape[-1]):
+        col = w[:, :, i:i + 1]
+        q = nearest_codes(col, s_round, bits)
+        codes[:, :, i:i + 1] = q
+        err = (col - q * s) / u[:, i, i].reshape(-1, 1, 1)
+        w[:, :, i:] -= err * u[:, None, i, i:]
+    return codes
+
+
+def _grouped_direction_error(codes: torch.Tensor, s: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> float:
+    """:func:`direction_error` summed over every row of every group."""
+    q = codes * s[..., None]
+    qh, wh = q @ h, w @ h
+    qq, ww, qw = (qh * q).sum(-1), (wh * w).sum(-1), (qh * w).sum(-1)
+    return float((1 - qw ** 2 / (qq * ww).clamp_min(1e-30)).sum())
+
+
 def input_second_moment(module: nn.Module, x: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
-    """``E[p p^T]`` (float32) over the im2col patches ``p`` that ``module`` (Conv2d with groups=1, or Linear) sees
-    in ``x``; with ``max_rows`` a fixed, evenly spaced subset of at most that many patches is used."""
+    """``E[p p^T]`` (float32) over the im2col patches ``p`` that ``module`` (Conv2d or Linear) sees in ``x``; with
+    ``max_rows`` a fixed, evenly spaced subset of at most that many patches is used. A grouped convolution gets one
+    matrix per group: shape (groups, K, K), K = in-channels per group x kh x kw (computed one sample at a time, so a
+    depthwise layer at 112 px needs no full im2col copy)."""
+    if isinstance(module, nn.Conv2d) and module.groups > 1:
+        g = module.groups
+        total: torch.Tensor | None = None
+        count = 0
+        for xi in x.split(1):
+            cols = F.unfold(xi, module.kernel_size, module.dilation, cast(tuple[int, ...], module.padding),
+                            module.stride).float()
+            cols = cols.reshape(g, -1, cols.shape[-1])  # (G, K, L)
+            part = cols @ cols.transpose(1, 2)
+            total = part if total is None else total + part
+            count += cols.shape[-1]
+        assert total is not None
+        return total / max(1, count)
     if isinstance(module, nn.Conv2d):
         cols = F.unfold(x, module.kernel_size, module.dilation, cast(tuple[int, ...], module.padding), module.stride)
         cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])
@@ -204,5 +276,5 @@ def input_second_moment(module: nn.Module, x: torch.Tensor, max_rows: int | None
 
 
 def supported(m: nn.Module) -> bool:
-    """Layers error feedback handles: Linear and ungrouped, zero-padded Conv2d."""
-    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros")
+    """Layers error feedback handles: Linear and zero-padded Conv2d (grouped ones by :func:`grouped_codes`)."""
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros")

@@ -1,6 +1,7 @@
 """passes/recalibrate.py: BN re-estimation and error-feedback rounding in one walk equal the layer-by-layer way."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -8,8 +9,8 @@ from calib_free import collect_bn_stats, recalibrate_bn_
 from dfmpc_deploy.core.graph import GraphAnalysis, Role
 from dfmpc_deploy.passes.base import Context
 from dfmpc_deploy.passes.quantize import Quantize
-from dfmpc_deploy.passes.recalibrate import Recalibrate
-from dfmpc_deploy.passes.rounding import best_grid_codes, input_second_moment
+from dfmpc_deploy.passes.recalibrate import Recalibrate, batch_moments
+from dfmpc_deploy.passes.rounding import best_grid_codes, grouped_codes, input_second_moment
 from tests.conftest import example_inputs, make_tiny_net
 
 SHAPE = (3, 16, 16)
@@ -29,8 +30,8 @@ def test_every_module_runs_once():
     for n, m in ctx.model.named_modules():
         if not list(m.children()):
             m.register_forward_hook(lambda mod, i, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
-    info = Recalibrate().apply(ctx)
-    assert info["rounded_layers"] == 1 and info["bn_reestimated"] == 1
+    info = Recalibrate().apply(ctx)  # delta statistics at every BN: the FP model runs once more, not this one
+    assert info["rounded_layers"] == 1 and info["bn_reestimated"] == 3 and info["stats"] == "delta"
     assert set(calls.values()) == {1}, calls
 
 
@@ -40,7 +41,7 @@ def test_nearest_rounding_statistics_equal_a_train_mode_re_estimation():
     for scope, names in (("low", ["bn1"]), ("all", ["bn0", "bn1", "bn2"])):
         ctx = _ctx(net, x)
         ref = copy.deepcopy(ctx.model)
-        Recalibrate(rounding="nearest", recal_scope=scope).apply(ctx)
+        Recalibrate(rounding="nearest", recal_scope=scope, stats="absolute").apply(ctx)
         recalibrate_bn_(ref, x, names)
         got, want, fp = collect_bn_stats(ctx.model), collect_bn_stats(ref), collect_bn_stats(net)
         for n in ("bn0", "bn1", "bn2"):
@@ -57,7 +58,7 @@ def test_error_feedback_in_one_walk_equals_the_layer_by_layer_procedure():
     x = example_inputs(64)
     ctx = _ctx(net, x)
     ref_model, ref_layers = copy.deepcopy(ctx.model), copy.deepcopy(ctx.layers)
-    Recalibrate(rounding_scope="all").apply(ctx)
+    Recalibrate(rounding_scope="all", stats="absolute").apply(ctx)
     mods, fp = dict(ref_model.named_modules()), dict(net.named_modules())
     scope = ["bn1"]
     for name, q in ref_layers.items():
@@ -92,12 +93,101 @@ def test_without_inputs_gptq_is_a_clear_error_and_nearest_does_nothing():
     assert Recalibrate(rounding="nearest").apply(ctx) == {"skipped": "no calibration inputs"}
 
 
-def test_grouped_convolutions_keep_nearest_codes():
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.Conv2d(8, 8, 1)).eval()
+def _depthwise_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, padding=1, groups=8), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 8, 1)).eval()
+
+
+def test_grouped_convolutions_get_error_feedback_per_group():
+    net = _depthwise_net()
     ctx = _ctx(net, example_inputs(16))
     before = {n: q.codes.clone() for n, q in ctx.layers.items()}
     info = Recalibrate(rounding_scope="all").apply(ctx)
-    assert torch.equal(ctx.layers["3"].codes, before["3"])  # depthwise: not supported by error feedback
-    assert info["rounded_layers"] == 2
+    assert info["rounded_layers"] == 3 and info["grouped_rounded"] == 1
+    assert not torch.equal(ctx.layers["3"].codes, before["3"])
+
+
+def test_grouped_codes_equal_error_feedback_on_each_group_alone():
+    """The batched grouped rounding is the ungrouped algorithm run on each group with that group's moment."""
+    conv = _depthwise_net()[3]
+    x = torch.randn(4, 8, 10, 10, generator=torch.Generator().manual_seed(2))
+    h = input_second_moment(conv, x)
+    assert h.shape == (8, 9, 9)  # one input channel x 3 x 3 per group
+    w = conv.weight.detach().flatten(1)
+    scale = w.abs().amax(1) / 63
+    codes, chosen, mult = grouped_codes(w, h, scale, 6, groups=8, multipliers=(1.0,))
+    for g in range(8):
+        rows = slice(2 * g, 2 * g + 2)
+        one = nn.Conv2d(1, 2, 3, padding=1)
+        ref_h = input_second_moment(one, x[:, g:g + 1])
+        ref, _, _ = best_grid_codes(w[rows], ref_h, scale[rows], 6, multipliers=(1.0,))
+        assert torch.allclose(h[g], ref_h, rtol=1e-4, atol=1e-6)
+        assert (codes[rows] == ref).float().mean() >= 0.98, g
+    assert torch.equal(chosen, scale) and mult == 1.0
+
+
+def test_grouped_error_feedback_lowers_the_output_error_of_nearest_rounding():
+    from dfmpc_deploy.passes.rounding import nearest_codes
+    conv = _depthwise_net()[3]
+    # neighbouring pixels correlate, as in images (independent inputs leave nothing for error feedback to use)
+    x = torch.nn.functional.avg_pool2d(torch.randn(4, 8, 12, 12, generator=torch.Generator().manual_seed(3)), 3, 1)
+    h = input_second_moment(conv, x)
+    w = conv.weight.detach().flatten(1)
+    scale = w.abs().amax(1) / 3  # 3-bit: where the choice of codes matters
+    codes, s, _ = grouped_codes(w, h, scale, 3, groups=8, multipliers=(1.0,))
+
+    def out_err(c):
+        d = (c * scale[:, None] - w).reshape(8, 2, -1)
+        return float(torch.einsum("grk,gkl,grl->", d, h, d))
+    assert out_err(codes) < 0.8 * out_err(nearest_codes(w, scale[:, None], 3))
+
+
+def test_delta_statistics_of_an_unchanged_model_are_the_stored_ones():
+    """Delta takes only the change quantization makes: with nothing changed, the stored statistics stay, however
+    far the inputs' own statistics are from them (absolute statistics would replace them)."""
+    net = make_tiny_net()
+    ctx = Context(fp_model=net, model=copy.deepcopy(net), graph=GraphAnalysis.of(net), input_shape=SHAPE)
+    Quantize().apply(ctx)
+    ctx.model = copy.deepcopy(net)  # the working model computes exactly as the FP one
+    ctx.inputs = 3 * example_inputs(32) + 1  # far from the statistics the BN layers stored
+    Recalibrate(rounding="nearest", stats="delta").apply(ctx)
+    got, fp = collect_bn_stats(ctx.model), collect_bn_stats(net)
+    for n in ("bn0", "bn1", "bn2"):
+        assert torch.allclose(got[n].mean, fp[n].mean, atol=1e-5) and torch.allclose(got[n].var, fp[n].var, rtol=1e-5)
+    Recalibrate(rounding="nearest", stats="absolute", recal_scope="all").apply(ctx)
+    assert not torch.allclose(collect_bn_stats(ctx.model)["bn0"].mean, fp["bn0"].mean, atol=1e-2)
+
+
+def test_delta_statistics_shift_by_the_quantized_minus_fp_moments():
+    net = make_tiny_net()
+    x = example_inputs(32)
+    ctx = _ctx(net, x)
+    seen = {}
+    h = dict(ctx.model.named_modules())["bn0"].register_forward_hook(
+        lambda m, i, o: seen.setdefault("q", batch_moments(i[0])) and None)
+    fp_seen = {}
+    h2 = dict(net.named_modules())["bn0"].register_forward_hook(
+        lambda m, i, o: fp_seen.setdefault("fp", batch_moments(i[0])) and None)
+    with torch.no_grad():
+        ctx.model(x)
+        net(x)
+    h.remove()
+    h2.remove()
+    Recalibrate(rounding="nearest", stats="delta").apply(ctx)
+    got, stored = collect_bn_stats(ctx.model)["bn0"], collect_bn_stats(net)["bn0"]
+    (qm, qv), (fm, fv) = seen["q"], fp_seen["fp"]
+    assert torch.allclose(got.mean, stored.mean + qm - fm, atol=1e-5)
+    assert torch.allclose(got.var, stored.var * qv / fv, rtol=1e-4)
+
+
+def test_auto_statistics_keep_the_one_closer_on_held_out_inputs():
+    from dfmpc_deploy.passes.guard import holdout_kl
+    net = make_tiny_net()
+    ctx = _ctx(net, example_inputs(32))
+    ctx.holdout = example_inputs(16, seed=5)
+    info = Recalibrate(stats="auto").apply(ctx)
+    kl = info["stats_kl"]
+    assert info["stats"] == min(kl, key=kl.get)
+    assert holdout_kl(ctx) == pytest.approx(min(kl.values()), rel=1e-2)  # (reported to 6 decimals)
