@@ -1,25 +1,31 @@
-"""The real ImageNet MobileNetV2 end to end, weights only (issue 13): accuracy by bit width, size, latency, engines.
+"""The real ImageNet MobileNetV2 (both files) by method, bit width and grid (issue 19), resumable; deployment optional.
 
-The model is torchvision's quantization-aware-trained MobileNetV2 with its BN folded into the convolutions (identity
-BN statistics), so nothing is synthesised: ``dfmpc`` runs as ``dfmpc-weights`` (passes/weight_fit.py) and every
-method reads the weights alone. Evaluated on the 1,300 shared ImageNet validation images (decoded once; every variant
-evaluated once, through ONNX Runtime: zoo/evaluate.py's ``auto`` engine).
+Two files of the same function (../shared/data/MANIFEST.md): ``folded`` (torchvision's quantization-aware-trained
+MobileNetV2 with BN folded into the convolutions: identity statistics, so ``dfmpc`` runs as ``dfmpc-weights`` and
+``zeroq`` refuses) and ``restored`` (each BN holding the mean and variance of its real input: the statistics a
+pretrained network carries, so the data-free synthesis runs at 224 px). Every cell is one compensation of one file by
+one method at one bit width and grid, evaluated on the 1,300 shared ImageNet validation images (decoded once):
 
-1. Goals table: FP32, then for rows 8, 6, 4 bits and 3/6, 2/6, per tensor and per channel, ``rtn`` and ``dfmpc``:
-   top-1/top-5, the packed file (``save_packed``) in bytes and MiB, and the method's wall time.
-2. Deployment of the 6-bit per-tensor ``dfmpc`` model (the build command's): ONNX fp32 / w8a8 / w8a8_ort / wdq /
-   fp16; ONNX Runtime CPU latency at batch 1 and 32 (``compare_latency``, runs interleaved, threads recorded); top-1
-   of w8a8 and w8a8_ort in ONNX Runtime (activation ranges propagated from the weights, and, for comparison, read
-   from the identity BN "statistics"); TensorRT-RTX engines (fp16, wdq, w8a8) built on this CPU, their sizes.
-3. ``--ablation``: every data-free variant at 6 bits, per tensor and per channel (what chose ``dfmpc-weights``).
+    files x bits {8, 6, 4, 3/6, 2/6, avg4 (--avg-bits 4)} x grids {pt, pc} x methods {rtn, dfq, zeroq, dfmpc,
+    dfmpc-alloc}
 
-Writes results/imagenet_mobilenet.json (and results/imagenet_mobilenet_ablation.json), prints Markdown tables.
+Each cell records top-1/top-5, the packed file's bytes (``save_packed``), the compensation seconds, the FP32-forward
+ratio (compensation seconds / one FP32 forward pass of 32 images, measured in the same process), and what each pass
+reported (passes kept by the guard, synthesis loss per BN, statistics chosen). No image is read by compensation.
 
-    python scripts/imagenet_mobilenet.py [--limit N] [--ablation] [--skip-deploy] [--weights-format F]
+Cells are written one JSON file each under ``results/imagenet_mobilenet/cells/`` as they finish; a re-run skips the
+cells already there (``--redo`` runs them again), so the grid can be run in pieces (``--files``, ``--bits``,
+``--grids``, ``--methods`` select). The summary (every cell found, Markdown table) is results/imagenet_mobilenet.json.
+``--deploy`` also exports the 6-bit per-tensor ``dfmpc`` model of the folded file (ONNX variants, ONNX Runtime
+latency and accuracy, TensorRT-RTX engines built on this CPU).
+
+    python scripts/imagenet_mobilenet.py [--files restored] [--bits 6,4] [--grids pc] [--methods rtn,dfmpc]
+                                         [--limit N] [--threads N] [--deploy]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -28,14 +34,11 @@ from pathlib import Path
 import torch
 
 from dfmpc_deploy.core.stats import bn_status
+from dfmpc_deploy.errors import DfmpcError
 from dfmpc_deploy.io.atomic import atomic_write_json
 from dfmpc_deploy.io.container import fp32_nbytes, save_packed
-from dfmpc_deploy.passes.base import Recipe, run_recipe
-from dfmpc_deploy.passes.equalize import Equalize
-from dfmpc_deploy.passes.quantize import Quantize
+from dfmpc_deploy.passes.base import run_recipe
 from dfmpc_deploy.passes.recipes import RECIPES
-from dfmpc_deploy.passes.solve_c import SolveC
-from dfmpc_deploy.passes.weight_fit import CorrectBias, FitWeights
 from dfmpc_deploy.zoo.data import load_dataset, parse_data_spec
 from dfmpc_deploy.zoo.evaluate import accuracy
 from dfmpc_deploy.zoo.models import load_model
@@ -43,66 +46,75 @@ from dfmpc_deploy.zoo.models import load_model
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 SHAPE = (3, 224, 224)
-ROWS = ("8", "6", "4", "3/6", "2/6")
+FILES = {"folded": "mobilenet_v2_tvq_dequant_float.pth", "restored": "mobilenet_v2_bn_restored.pth"}
+BITS = ("8", "6", "4", "3/6", "2/6", "avg4")
+GRIDS = ("pt", "pc")
+METHODS = ("rtn", "dfq", "zeroq", "dfmpc", "dfmpc-alloc")
 MIB = 2 ** 20
+CELLS = ROOT / "results" / "imagenet_mobilenet" / "cells"
 
 
-def _recipe(name: str, description: str, *passes) -> Recipe:
-    return Recipe(name, description, "none", False, tuple(passes))
+def _settings(bits: str, grid: str) -> dict:
+    """The build settings of a cell (``avg4``: an average of 4 bits per weight, widths chosen by allocation)."""
+    spec = {"avg_bits": 4.0} if bits == "avg4" else {"bits": bits}
+    return {**spec, "per_channel": grid == "pc"}
 
 
-#: the 6-bit comparison: name -> (recipe, what it is); every one reads the weights alone
-ABLATION = {
-    "rtn": (RECIPES["rtn"], "round to nearest"),
-    "dfq": (RECIPES["dfq"], "CLE (its bias correction needs BN statistics: skipped)"),
-    "dfmpc-paper": (RECIPES["dfmpc-paper"], "Eq. 27 c of each pair folded (identity statistics)"),
-    "cle+c": (_recipe("cle+c", "", (Equalize, {}), (Quantize, {}), (SolveC, {"c_mode": "paper"})),
-              "CLE, then Eq. 27 c of each pair"),
-    "c-all": (_recipe("c-all", "", (Quantize, {}), (FitWeights, {"fit_grid": False, "fit_c": True})),
-              "least-squares c on every layer's channels (weight space)"),
-    "grid": (_recipe("grid", "", (Quantize, {}), (FitWeights, {})), "grid step by weight error (H = I)"),
-    "cle+grid": (_recipe("cle+grid", "", (Equalize, {}), (Quantize, {}), (FitWeights, {})), "CLE + grid step"),
-    "cle+grid+c-all": (_recipe("cle+grid+c-all", "", (Equalize, {}), (Quantize, {}), (FitWeights, {"fit_c": True})),
-                       "CLE + grid step + c on every layer"),
-    "bc": (_recipe("bc", "", (Quantize, {}), (CorrectBias, {})),
-           "bias correction, means propagated from the weights (coherent windows)"),
-    "bc-independent": (_recipe("bc-independent", "", (Quantize, {}), (CorrectBias, {"windows": "independent"})),
-                       "the same with independent window entries"),
-    "grid+bc": (_recipe("grid+bc", "", (Quantize, {}), (FitWeights, {}), (CorrectBias, {})), "grid step + bc"),
-    "cle+bc": (_recipe("cle+bc", "", (Equalize, {}), (Quantize, {}), (CorrectBias, {})), "CLE + bc"),
-    "cle+grid+bc": (_recipe("cle+grid+bc", "", (Equalize, {}), (Quantize, {}), (FitWeights, {}), (CorrectBias, {})),
-                    "CLE + grid step + bc (= dfmpc-weights per tensor)"),
-    "cle+grid+c-all+bc": (_recipe("cle+grid+c-all+bc", "", (Equalize, {}), (Quantize, {}),
-                                  (FitWeights, {"fit_c": True}), (CorrectBias, {})), "CLE + grid + c + bc"),
-    "dfmpc-weights": (RECIPES["dfmpc-weights"], "the recipe: CLE only per tensor, grid step, bc"),
-}
+def _forward_seconds(model, batch: int = 32, repeat: int = 3) -> float:
+    x = torch.randn((batch, *SHAPE), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        model(x)
+        for _ in range(repeat):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
 
 
-def _run(recipe: Recipe, lm, bits: str, per_channel: bool, data, tmp: Path) -> tuple[dict, object]:
+def _passes(mp) -> dict:
+    """What each pass reported, reduced to what the closing table needs."""
+    out = {}
+    for rec in mp.config.passes:
+        info = dict(rec.info)
+        out[rec.name] = {"seconds": rec.seconds, **{k: info[k] for k in (
+            "guard", "stats", "stats_kl", "loss_final", "holdout_loss_final", "per_bn", "steps_run", "samples",
+            "bn_reestimated", "rounded_layers", "grouped_rounded", "skipped", "source") if k in info}}
+    return out
+
+
+def run_cell(lm, file: str, bits: str, grid: str, method: str, data, fwd: float, tmp: Path) -> dict:
+    """One cell: compensate, pack, evaluate. A method that refuses the model is recorded with its one line."""
+    cell = {"file": file, "bits": bits, "grid": grid, "method": method}
     t = time.perf_counter()
-    mp = run_recipe(recipe, lm.module, SHAPE, {"bits": bits, "per_channel": per_channel}, arch=lm.arch)
+    try:
+        mp = run_recipe(RECIPES[method], lm.module, SHAPE, _settings(bits, grid), arch=lm.arch)
+    except DfmpcError as err:
+        return {**cell, "status": "refused", "error": str(err).splitlines()[0]}
     seconds = time.perf_counter() - t
     path = tmp / "m.dfmpc"
     save_packed(mp, path)
     size = path.stat().st_size
-    t = time.perf_counter()
     acc = accuracy(mp.module, data)
-    row = {"recipe_ran": mp.config.recipe, "bits": bits, "grid": "per-channel" if per_channel else "per-tensor",
-           "top1": acc["top1"], "top5": acc["top5"], "n": acc["n"], "packed_bytes": size,
-           "packed_mib": round(size / MIB, 3), "method_seconds": round(seconds, 2),
-           "eval_seconds": round(time.perf_counter() - t, 1)}
-    return row, mp
+    return {**cell, "status": "done", "recipe_ran": mp.config.recipe, "overrides": list(mp.config.overrides),
+            "top1": acc["top1"], "top5": acc["top5"], "n": acc["n"], "packed_bytes": size,
+            "packed_mib": round(size / MIB, 3), "seconds": round(seconds, 2), "fp32_forward_b32_seconds": round(fwd, 3),
+            "forward_ratio": round(seconds / fwd, 1), "passes": _passes(mp)}
 
 
-def _md_rows(rows: list[dict], fp32: dict, fp32_bytes: int) -> list[str]:
-    out = ["| bits | grid | method (ran as) | top-1 % | top-5 % | Δ top-1 | packed bytes | MiB | method s |",
-           "|---|---|---|---|---|---|---|---|---|",
-           f"| FP32 | - | - | {fp32['top1']:.2f} | {fp32['top5']:.2f} | - | {fp32_bytes:,} | "
-           f"{fp32_bytes / MIB:.2f} | - |"]
-    for r in rows:
-        out.append(f"| {r['bits']} | {r['grid']} | {r['method']} ({r['recipe_ran']}) | {r['top1']:.2f} | "
-                   f"{r['top5']:.2f} | {r['top1'] - fp32['top1']:+.2f} | {r['packed_bytes']:,} | "
-                   f"{r['packed_mib']:.2f} | {r['method_seconds']:.1f} |")
+def _md(cells: list[dict], fp32: dict) -> list[str]:
+    out = ["| file | bits | grid | method (ran as) | top-1 % | top-5 % | Δ top-1 | packed MiB | seconds | fwd ratio |"
+           " kept by guard |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        if c["status"] != "done":
+            out.append(f"| {c['file']} | {c['bits']} | {c['grid']} | {c['method']} | refused: {c['error'][:60]}… |"
+                       " | | | | | |")
+            continue
+        g = (c["passes"].get("recalibrate") or {}).get("guard")
+        kept = "-" if g is None else ("kept" if g["kept"] else "undone")
+        out.append(f"| {c['file']} | {c['bits']} | {c['grid']} | {c['method']} ({c['recipe_ran']}) | {c['top1']:.2f} | "
+                   f"{c['top5']:.2f} | {c['top1'] - fp32[c['file']]['top1']:+.2f} | {c['packed_mib']:.3f} | "
+                   f"{c['seconds']:.1f} | {c['forward_ratio']:.1f} | {kept} |")
     return out
 
 
@@ -145,82 +157,83 @@ def _deploy(mp, lm, data, tmp: Path, threads: int | None) -> dict:
     return out
 
 
+def _axis(text: str, allowed: tuple[str, ...], name: str) -> list[str]:
+    vals = [v for v in text.split(",") if v]
+    bad = [v for v in vals if v not in allowed]
+    if bad or not vals:
+        raise SystemExit(f"bad --{name} {text!r}: choose from {', '.join(allowed)}")
+    return vals
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(SHARED / "imagenet_val_1300"), help="imagenet:DIR directory")
-    ap.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet" /
-                                             "mobilenet_v2_tvq_dequant_float.pth"))
+    ap.add_argument("--files", default=",".join(FILES))
+    ap.add_argument("--bits", default=",".join(BITS))
+    ap.add_argument("--grids", default=",".join(GRIDS))
+    ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--weights-format", default="torchvision-quantized",
                     help="torchvision-quantized (ReLU, what the weights were trained with) or torchvision (ReLU6)")
-    ap.add_argument("--limit", type=int, help="evenly spaced subset of this many images")
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), help="bit widths of the goals table")
-    ap.add_argument("--ablation", action="store_true", help="also every data-free variant at 6 bits")
-    ap.add_argument("--skip-deploy", action="store_true", help="no ONNX / ORT / TensorRT part")
+    ap.add_argument("--limit", type=int, help="evenly spaced subset of this many images (cells then go elsewhere)")
+    ap.add_argument("--redo", action="store_true", help="run the selected cells even if their JSON exists")
+    ap.add_argument("--deploy", action="store_true", help="also the ONNX / ORT / TensorRT part (folded, 6-bit pt)")
     ap.add_argument("--threads", type=int, help="torch and ORT threads (default: torch's)")
     ap.add_argument("--out", default=str(ROOT / "results" / "imagenet_mobilenet.json"))
     args = ap.parse_args()
+    files, bits_axis = _axis(args.files, tuple(FILES), "files"), _axis(args.bits, BITS, "bits")
+    grids, methods = _axis(args.grids, GRIDS, "grids"), _axis(args.methods, METHODS, "methods")
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()[0]
-    t0 = time.perf_counter()
-
-    lm = load_model("mobilenet_v2", args.weights, weights_format=args.weights_format)
+    cells_dir = CELLS if args.limit is None else CELLS.with_name(f"cells_limit{args.limit}")
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = Path(args.out)
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if "cells" not in summary:  # the file of the earlier (issue 13) script: nothing to keep
+        summary = {}
+    fp32: dict = summary.get("fp32", {})
     spec = parse_data_spec(f"imagenet:{args.data}")
-    t = time.perf_counter()
-    data = load_dataset(spec, 224, 256, lm.spec.mean, lm.spec.std, args.limit, num_classes=1000)
-    decode = round(time.perf_counter() - t, 1)
-    fp32 = accuracy(lm.module, data)
-    fp32_bytes = fp32_nbytes(lm.module)
-    status = bn_status(lm.module)
-    print(f"{lm.arch} ({args.weights_format}), BN statistics: {status}; {len(data.labels)} images decoded in "
-          f"{decode} s; torch {torch.__version__}, {torch.get_num_threads()} threads, load {load_start:.1f}")
-    print(f"FP32 top-1 {fp32['top1']:.2f} %, top-5 {fp32['top5']:.2f} %", flush=True)
-
-    rows, dfmpc6 = [], None
+    data = None
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        for bits in args.rows:
-            for per_channel in (False, True):
-                for method in ("rtn", "dfmpc"):
-                    row, mp = _run(RECIPES[method], lm, bits, per_channel, data, tmp)
-                    rows.append({"method": method, **row})
-                    print(_md_rows([rows[-1]], fp32, fp32_bytes)[-1], flush=True)
-                    if method == "dfmpc" and bits == "6" and not per_channel:
-                        dfmpc6 = mp
-        pairs = [(p.low, p.high, p.act) for p in (dfmpc6 or mp).analysis().pairs]
-        deploy = None
-        if not args.skip_deploy and dfmpc6 is not None:
-            deploy = _deploy(dfmpc6, lm, data, tmp, args.threads)
-        ablation = []
-        if args.ablation:
-            for per_channel in (False, True):
-                for name, (recipe, what) in ABLATION.items():
-                    row, _ = _run(recipe, lm, "6", per_channel, data, tmp)
-                    ablation.append({"method": name, "what": what, **row})
-                    print(f"| {name} | {row['grid']} | {row['top1']:.2f} | {row['top5']:.2f} | "
-                          f"{row['top1'] - fp32['top1']:+.2f} | {row['method_seconds']:.1f} |", flush=True)
-
-    meta = {"model": lm.arch, "weights": str(args.weights), "weights_format": args.weights_format,
-            "bn_statistics": status, "data": str(spec), "images": len(data.labels), "decode_seconds": decode,
-            "torch_threads": torch.get_num_threads(),
-            "load_average_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
-            "machine": f"{os.cpu_count()} CPU cores", "evaluation": "zoo.evaluate auto engine",
-            "fp32": fp32, "fp32_bytes": fp32_bytes}
-    print("\n" + "\n".join(_md_rows(rows, fp32, fp32_bytes)))
-    if deploy is not None:
-        lat = deploy["ort_latency_ms"]
-        print(f"\nONNX Runtime CPU latency ({lat['threads']} threads), p50 ms: " + "; ".join(
-            f"{v} bs1 {lat[v]['1']['p50']:.1f} / bs32 {lat[v]['32']['p50']:.1f}" for v in ("fp32", "w8a8_ort", "w8a8")))
-        print("ORT top-1: " + ", ".join(f"{k} {v['top1']:.2f}" for k, v in deploy["ort_accuracy"].items()))
-        print("TensorRT-RTX engines: " + ", ".join(
-            f"{k} {v['bytes']:,} B" if "bytes" in v else f"{k}: {v}" for k, v in deploy["trt_engines"].items()))
-    total = round(time.perf_counter() - t0, 1)
-    atomic_write_json(args.out, {**meta, "pairs": pairs, "rows": rows, "deploy": deploy, "total_seconds": total})
-    print(f"wrote {args.out} ({total} s)")
-    if ablation:
-        abl_path = str(Path(args.out).with_name(Path(args.out).stem + "_ablation.json"))
-        atomic_write_json(abl_path, {**meta, "bits": "6", "rows": ablation})
-        print(f"wrote {abl_path}")
+        for file in files:
+            lm = load_model("mobilenet_v2", str(SHARED / "weights" / "mobilenet_v2_imagenet" / FILES[file]),
+                            weights_format=args.weights_format)
+            if data is None:
+                t = time.perf_counter()
+                data = load_dataset(spec, 224, 256, lm.spec.mean, lm.spec.std, args.limit, num_classes=1000)
+                print(f"{len(data.labels)} images decoded in {time.perf_counter() - t:.1f} s; torch "
+                      f"{torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+            if file not in fp32 or args.limit is not None:
+                fp32[file] = {**accuracy(lm.module, data), "bytes": fp32_nbytes(lm.module),
+                              "bn_statistics": bn_status(lm.module)}
+            print(f"{file}: FP32 top-1 {fp32[file]['top1']:.2f} %, BN statistics {fp32[file]['bn_statistics']}",
+                  flush=True)
+            fwd = _forward_seconds(lm.module)
+            for bits in bits_axis:
+                for grid in grids:
+                    for method in methods:
+                        cid = f"{file}-{bits.replace('/', '_')}-{grid}-{method}"
+                        path = cells_dir / f"{cid}.json"
+                        if path.exists() and not args.redo:
+                            continue
+                        cell = {"id": cid, **run_cell(lm, file, bits, grid, method, data, fwd, tmp),
+                                "load_average": round(os.getloadavg()[0], 1),
+                                "measured": time.strftime("%Y-%m-%d %H:%M")}
+                        atomic_write_json(path, cell)
+                        print(_md([cell], fp32)[-1], flush=True)
+            if args.deploy and file == "folded":
+                mp = run_recipe(RECIPES["dfmpc"], lm.module, SHAPE, _settings("6", "pt"), arch=lm.arch)
+                summary["deploy"] = _deploy(mp, lm, data, tmp, args.threads)
+    order = {f"{f}-{b.replace('/', '_')}-{g}-{m}": i for i, (f, b, g, m) in enumerate(
+        (f, b, g, m) for f in FILES for b in BITS for g in GRIDS for m in METHODS)}
+    cells = sorted((json.loads(p.read_text()) for p in cells_dir.glob("*.json")), key=lambda c: order.get(c["id"], 0))
+    summary.update({"fp32": fp32, "images": len(data.labels) if data is not None else None, "cells": cells,
+                    "grid": {"files": list(FILES), "bits": list(BITS), "grids": list(GRIDS), "methods": list(METHODS)},
+                    "cells_run": len(cells), "cells_in_grid": len(order)})
+    if args.limit is None:
+        atomic_write_json(summary_path, summary)
+    print("\n".join(_md(cells, fp32)))
+    print(f"{len(cells)} of {len(order)} cells measured")
 
 
 if __name__ == "__main__":

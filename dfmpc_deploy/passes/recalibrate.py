@@ -41,6 +41,11 @@ from .base import Context, Pass, register_pass
 from .guard import holdout_kl
 from .rounding import GRID_MULTIPLIERS, best_grid_codes, grouped_codes, input_second_moment, supported
 
+#: which layers error feedback re-rounds: the low-bit ones, every one, or (auto) the low-bit ones and every layer of
+#: at most AUTO_ROUNDING_MAX_BITS bits
+ROUNDING_SCOPES = ("low", "all", "auto")
+AUTO_ROUNDING_MAX_BITS = 4
+
 #: how the statistics in scope are corrected (see the module docstring)
 STATS_CHOICES = ("auto", "delta", "absolute")
 
@@ -118,9 +123,11 @@ class Recalibrate(Pass):
             ``delta`` statistics are corrected at every BN whatever the scope (every layer is quantized, so every
             BN input changes); the scope says where ``absolute`` ones replace the stored statistics.
         stats: how they are corrected: ``delta``, ``absolute`` or ``auto`` (see the module docstring).
-        rounding_scope: which layers error feedback re-rounds: ``low`` or ``all`` (on ImageNet MobileNetV2 the
-            high-bit layers' error feedback lowered the held-out divergence but cost accuracy: the second moments of
-            8 synthetic inputs do not carry over to images, so it is not applied by default).
+        rounding_scope: which layers error feedback re-rounds: ``low``, ``all``, or ``auto`` (the default: the low
+            layers and every layer of at most 4 bits). At 6 bits nearest rounding costs little, and on ImageNet
+            MobileNetV2 the 6-bit layers' error feedback lowered the held-out divergence but cost accuracy (the
+            second moments of 8 synthetic inputs at 224 px do not carry over to images); at 4 bits the rounding
+            error is 16 times larger (in mean square) and error feedback is what recovers it (docs/MATH.md 6.5).
         grid_search: pick each low-bit layer's grid step among rounding.GRID_MULTIPLIERS x the TWN/DoReFa scale.
         max_k: layers with more input columns than this keep plain rounding (cost grows as K^2 x out).
         hessian_rows: patches per layer second moment (None: all patches of the calibration inputs).
@@ -136,7 +143,7 @@ class Recalibrate(Pass):
                         help="statistics correction: 'delta' (the change quantization makes, measured on synthetic "
                              "inputs, applied to the stored statistics), 'absolute' (statistics of the synthetic "
                              "inputs), or 'auto' (the one closer to the FP model on held-out synthetic inputs)")
-    rounding_scope: str = "low"
+    rounding_scope: str = "auto"
     grid_search: bool = True
     max_k: int = 4608
     hessian_rows: int | None = None
@@ -146,8 +153,8 @@ class Recalibrate(Pass):
             raise UsageError(f"bad --rounding '{self.rounding}': choose 'nearest' or 'gptq'")
         if self.recal_scope not in ("low", "all"):
             raise UsageError(f"bad --recal-scope '{self.recal_scope}': choose 'low' or 'all'")
-        if self.rounding_scope not in ("low", "all"):
-            raise UsageError(f"bad rounding_scope '{self.rounding_scope}': choose 'low' or 'all'")
+        if self.rounding_scope not in ROUNDING_SCOPES:
+            raise UsageError(f"bad rounding_scope '{self.rounding_scope}': choose one of {', '.join(ROUNDING_SCOPES)}")
         if self.stats not in STATS_CHOICES:
             raise UsageError(f"bad --stats '{self.stats}': choose one of {', '.join(STATS_CHOICES)}")
 
@@ -164,7 +171,7 @@ class Recalibrate(Pass):
         todo: dict[str, Any] = {}
         if self.rounding == "gptq":
             todo = {q.fqn: q for q in ctx.layers.values()
-                    if (self.rounding_scope == "all" or q.role == Role.LOW) and supported(mods[q.fqn])
+                    if self._rounds(q) and supported(mods[q.fqn])
                     and q.in_scale is None and mods[q.fqn].weight[0].numel() <= self.max_k}
         fp = dict(ctx.fp_model.named_modules())
         chosen: dict[str, float] = {}
@@ -209,6 +216,12 @@ class Recalibrate(Pass):
         if self.stats == "auto" and scope and ctx.holdout is not None:
             info.update(self._choose_statistics(ctx, gm, inputs, scope, mods))
         return info
+
+    def _rounds(self, q: Any) -> bool:
+        """Whether error feedback re-rounds layer ``q`` (see ``rounding_scope``)."""
+        if self.rounding_scope == "all" or q.role == Role.LOW:
+            return True
+        return self.rounding_scope == "auto" and q.bits <= AUTO_ROUNDING_MAX_BITS
 
     def _scope(self, ctx: Context, mods: dict[str, nn.Module], mode: str) -> set[str]:
         """The BN layers whose statistics ``mode`` corrects: every BN with statistics for ``delta`` and for

@@ -191,3 +191,12 @@ def test_auto_statistics_keep_the_one_closer_on_held_out_inputs():
     kl = info["stats_kl"]
     assert info["stats"] == min(kl, key=kl.get)
     assert holdout_kl(ctx) == pytest.approx(min(kl.values()), rel=1e-2)  # (reported to 6 decimals)
+
+
+def test_auto_rounding_scope_is_the_low_layers_and_every_layer_of_at_most_4_bits():
+    net = make_tiny_net()
+    for bits, rounded in (("2/6", 1), ("4", 4), ("6", 1)):
+        ctx = Context(fp_model=net, model=copy.deepcopy(net), graph=GraphAnalysis.of(net), input_shape=SHAPE)
+        Quantize(bits=bits).apply(ctx)
+        ctx.inputs = example_inputs(16)
+        assert Recalibrate().apply(ctx)["rounded_layers"] == rounded, bits
