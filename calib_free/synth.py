@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +93,9 @@ def bn_mismatch(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     count = x.numel() // x.shape[1]
     mu = x.sum(dim=(0, 2, 3)) / count
     var = ((x * x).sum(dim=(0, 2, 3)) / count - mu * mu).clamp_min(0)
-    sd_ref = torch.sqrt(bn.running_var + bn.eps)
-    return ((((mu - bn.running_mean) / sd_ref) ** 2).mean()
+    mean, var_ref = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+    sd_ref = torch.sqrt(var_ref + bn.eps)
+    return ((((mu - mean) / sd_ref) ** 2).mean()
             + ((torch.sqrt(var + bn.eps) / sd_ref - 1) ** 2).mean())
 
 
@@ -116,7 +118,8 @@ def bn_matching_losses(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     def record(name: str, mod: nn.BatchNorm2d, x: torch.Tensor) -> None:  # a hook's return value replaces the output
         out.setdefault(name, float(bn_mismatch(x, mod)))
 
-    hooks = [m.register_forward_hook(lambda mod, inp, o, name=n: record(name, mod, inp[0])) for n, m in _stat_bns(model)]
+    hooks = [m.register_forward_hook(lambda mod, inp, o, name=n: record(name, mod, inp[0]))
+             for n, m in _stat_bns(model)]
     try:
         model(x)
     finally:

@@ -95,10 +95,11 @@ def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def reference_moments(fp: nn.Module, inputs: torch.Tensor, names: set[str]) -> dict[str, tuple[torch.Tensor, ...]]:
+def reference_moments(fp: nn.Module, inputs: torch.Tensor,
+                      names: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The FP model's batch moments (:func:`batch_moments`) at the input of each BN layer in ``names``."""
     mods = dict(fp.named_modules())
-    out: dict[str, tuple[torch.Tensor, ...]] = {}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def record(name: str, x: torch.Tensor) -> None:  # (a hook's return value would replace the module's output)
         out.setdefault(name, batch_moments(x))
