@@ -51,7 +51,7 @@ def test_tiny_round_trip_bit_exact(tiny_models, tmp_path, variant, layout):
     assert path.read_bytes()[:8] == MAGIC
     back = load_packed(path, model=net)
     assert_same_model(mp, back, variant_inputs())
-    assert back.info["format_version"] == P.FORMAT_VERSION == 3 and not back.module.training
+    assert back.info["format_version"] == P.FORMAT_VERSION == 4 and not back.module.training
     assert {L.layout for L in split(path.read_bytes())[0].layers} == {layout, "kbit"}
     if variant == "relu6":
         assert any(q.in_scale is not None for q in back.layers.values())
@@ -278,7 +278,7 @@ def test_input_spec_is_recorded(tiny_models, tmp_path):
     a, b = (tmp_path / "a.dfmpc").stat().st_size, (tmp_path / "b.dfmpc").stat().st_size
     assert a == b + 56 == packed_nbytes(with_input) and b == packed_nbytes(mp)
     back = load_packed(tmp_path / "a.dfmpc", model=net)
-    assert back.input == spec and back.info["format_version"] == 3  # float64 mean/std: bit-exact
+    assert back.input == spec and back.info["format_version"] == 4  # float64 mean/std: bit-exact
     assert load_packed(tmp_path / "b.dfmpc", model=net).input is None
     assert "input: 3x16x16, mean 0.4914, 0.4822, 0.4465, std 0.2023, 0.1994, 0.201, resize 18" in \
         inspect_packed(tmp_path / "a.dfmpc").text
