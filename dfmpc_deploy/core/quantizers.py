@@ -9,10 +9,12 @@
   error ``||W - s q||^2`` (per tensor, or per output channel with ``per_channel``) among: the narrow-range step
   ``max|W| / (2^(k-1)-1)`` (codes in ``[-(2^(k-1)-1), 2^(k-1)-1]``, TensorRT's weight range), the full-range step
   ``max|W| / 2^(k-1)`` (where the most negative weight is the lattice's ``-2^(k-1)``), clipped steps ``r max|W| /
-  (2^(k-1)-1)`` for the ratios :data:`INT_CLIP_RATIOS`, and with ``per_channel`` also the per-tensor steps (a per-tensor
-  lattice is then kept as it is). The chosen float32 step is finally moved by at most :data:`SNAP_ULPS` units in the
-  last place where that lowers the error of the chosen codes, so **weights that already lie on an int8 lattice
-  (torchvision's quantized models) come back bit-exactly at 8 bits**, per tensor and per channel: ``-128`` included.
+  (2^(k-1)-1)`` for the ratios :data:`INT_CLIP_RATIOS`, lattice steps ``min|W != 0| / d`` for d = 1 ..
+  :data:`LATTICE_DIVISORS` (a lattice whose largest code is below 127, as quantization-aware training leaves some
+  layers), and with ``per_channel`` also the per-tensor steps (a per-tensor lattice is then kept as it is). The chosen
+  float32 step is finally moved by at most :data:`SNAP_ULPS` units in the last place where that lowers the error of
+  the chosen codes, so **weights that already lie on an int8 lattice (torchvision's quantized models) come back
+  bit-exactly at 8 bits**, per tensor and per channel: ``-128`` included.
 * :func:`dorefa` (grid ``dorefa``, the paper's) - DoReFa k-bit, Eq. 6 exactly as printed (no tanh): ``kQ(W) =
   2/(2^k-1) * round[(2^k-1)(W/(2 max|W|) + 1/2)] - 1``; the 2^k levels are odd multiples of ``1/(2^k-1)`` (zero is not
   a level), so the codes are the odd integers ``q = 2m - (2^k-1)`` in ``[-(2^k-1), 2^k-1]`` and the scale is
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["GRIDS", "DEFAULT_GRID", "INT_CLIP_RATIOS", "SNAP_ULPS", "check_grid", "grid_label", "ternarize",
+__all__ = ["GRIDS", "DEFAULT_GRID", "INT_CLIP_RATIOS", "SNAP_ULPS", "LATTICE_DIVISORS", "check_grid", "grid_label", "ternarize",
            "int_grid", "dorefa", "quantize_weight", "round_to_grid", "dequantize", "code_range"]
 
 #: the k-bit grids (3..8 bits; 2 bits is always TWN ternary): ``int`` (zero level, INT8/INT4-executable) and
@@ -41,6 +43,8 @@ DEFAULT_GRID = "int"
 INT_CLIP_RATIOS = tuple(round(1.0 - 0.025 * i, 3) for i in range(1, 33))  # 0.975 .. 0.2
 #: float32 units in the last place the chosen int step may move to fit a lattice exactly
 SNAP_ULPS = 2
+#: lattice steps tried by :func:`int_grid`: the smallest non-zero ``|W|`` divided by 1 .. this
+LATTICE_DIVISORS = 4
 
 _LABELS = {"int": "int", "dorefa": "DoReFa"}
 
@@ -129,8 +133,17 @@ def int_grid(w: torch.Tensor, bits: int, per_channel: bool = False) -> tuple[tor
     a_all = a_row.max() if rows else wf.new_tensor(0.0)
     base = a_row if per_channel else a_all.expand(rows)
     cands = [base / top, base / (top + 1)] + [base * r / top for r in INT_CLIP_RATIOS]
+    # lattice steps: the smallest non-zero |w| divided by 1..LATTICE_DIVISORS (a lattice whose largest code is not
+    # +-2^(k-1)-1, e.g. 124 or 126 after QAT, has its step here; on other weights they lose on error)
+    pos = torch.where(wf.abs() > 0, wf.abs(), torch.full_like(wf, float("inf")))
+    m_row = pos.amin(1) if wf.numel() else wf.new_zeros(rows)
+    m_row = torch.where(torch.isfinite(m_row), m_row, torch.zeros_like(m_row))
+    m_pos = m_row[m_row > 0]
+    m_all = m_pos.min() if m_pos.numel() else wf.new_tensor(0.0)
+    cands += [m_all.expand(rows) / d for d in range(1, LATTICE_DIVISORS + 1)]
     if per_channel:
         cands += [a_all.expand(rows) / top, a_all.expand(rows) / (top + 1)]
+        cands += [m_row / d for d in range(1, LATTICE_DIVISORS + 1)]
     best_s, best_codes, best_err = cands[0], None, None
     for s in cands:
         codes, err = _row_error(wf, s, bits)
