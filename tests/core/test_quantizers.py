@@ -152,3 +152,15 @@ def test_ternary_is_twn_whatever_the_grid_and_unknown_grids_are_refused():
     assert DEFAULT_GRID in GRIDS
     with pytest.raises(ValueError, match="unknown grid 'uniform'"):
         quantize_weight(w, 4, grid="uniform")
+
+
+@pytest.mark.parametrize("largest", [126, 124, 100])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int8_lattice_whose_codes_stop_below_127_comes_back_exactly(largest, per_channel):
+    """Quantization-aware training leaves some layers whose largest code is 124 or 126, not 127 (MobileNetV2)."""
+    g = torch.Generator().manual_seed(largest)
+    q = torch.randint(-largest, largest + 1, (24, 16, 3, 3), generator=g)
+    q[0, 0, 0, 0] = largest
+    w = q.float() * torch.tensor(0.00268489774, dtype=torch.float32)
+    codes, scale = int_grid(w, 8, per_channel)
+    assert torch.equal(dequantize(codes, scale), w)
