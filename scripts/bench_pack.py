@@ -64,7 +64,8 @@ def bench(name: str, weights: str, repeat: int, tmp: Path) -> dict:
     comp_s = time.perf_counter() - t
     n_weights = sum(q.numel for q in mp.layers.values())
     mb = 4 * n_weights / 1e6
-    pack_s, packed = _best(lambda: {f: encode_codes(q.codes, q.bits, grid=q.grid) for f, q in mp.layers.items()}, repeat)
+    pack_s, packed = _best(lambda: {f: encode_codes(q.codes, q.bits, grid=q.grid) for f, q in mp.layers.items()},
+                           repeat)
     unpack_s, _ = _best(lambda: [decode_codes(lay, mp.layers[f].bits, d, mp.layers[f].numel, mp.layers[f].grid)
                                  for f, (lay, d) in packed.items()], repeat)
 

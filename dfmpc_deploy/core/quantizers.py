@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["GRIDS", "DEFAULT_GRID", "INT_CLIP_RATIOS", "SNAP_ULPS", "LATTICE_DIVISORS", "check_grid", "grid_label", "ternarize",
-           "int_grid", "dorefa", "quantize_weight", "round_to_grid", "dequantize", "code_range"]
+__all__ = ["GRIDS", "DEFAULT_GRID", "INT_CLIP_RATIOS", "SNAP_ULPS", "LATTICE_DIVISORS", "check_grid", "grid_label",
+           "ternarize", "int_grid", "dorefa", "quantize_weight", "round_to_grid", "dequantize", "code_range"]
 
 #: the k-bit grids (3..8 bits; 2 bits is always TWN ternary): ``int`` (zero level, INT8/INT4-executable) and
 #: ``dorefa`` (the paper's Eq. 6)
@@ -144,12 +144,10 @@ def int_grid(w: torch.Tensor, bits: int, per_channel: bool = False) -> tuple[tor
     if per_channel:
         cands += [a_all.expand(rows) / top, a_all.expand(rows) / (top + 1)]
         cands += [m_row / d for d in range(1, LATTICE_DIVISORS + 1)]
-    best_s, best_codes, best_err = cands[0], None, None
-    for s in cands:
+    best_s = cands[0]
+    best_codes, best_err = _row_error(wf, best_s, bits)
+    for s in cands[1:]:
         codes, err = _row_error(wf, s, bits)
-        if best_err is None:
-            best_s, best_codes, best_err = s, codes, err
-            continue
         if per_channel:
             better = err < best_err
             best_s = torch.where(better, s, best_s)
@@ -157,7 +155,6 @@ def int_grid(w: torch.Tensor, bits: int, per_channel: bool = False) -> tuple[tor
             best_err = torch.where(better, err, best_err)
         elif float(err.sum()) < float(best_err.sum()):
             best_s, best_codes, best_err = s, codes, err
-    assert best_codes is not None and best_err is not None
     scale = _snap(wf, best_codes, best_s, best_err, per_channel)
     return best_codes.to(torch.int16).reshape(w.shape), scale
 

@@ -13,7 +13,8 @@ per-output-channel FP32 scale, zero-point 0, ``axis=0`` (symmetric, the form Ten
 layers whose codes fit [-8, 7] (ternary, 3-bit, 4-bit ``int`` grid) as INT4 (opset >= 21; wdq only, see
 :func:`export_onnx`). Codes on the ``int`` grid are INT8 as they are (up to 8 bits, -128 included). 8-bit DoReFa codes
 (odd integers up to +-255) do not fit INT8, nor does an int code -128 in a channel whose folded scale is negative (it
-flips to +128): those channels are requantised to symmetric INT8 and a note says so. A compensation ``in_scale`` (DF-MPC Eq. 7, only after non-homogeneous activations such as ReLU6) is a
+flips to +128): those channels are requantised to symmetric INT8 and a note says so.
+A compensation ``in_scale`` (DF-MPC Eq. 7, only after non-homogeneous activations such as ReLU6) is a
 ``Mul`` by a (1, C, 1, 1) constant on the activation in front of the layer, so the weight stays integer.
 ``w8a8``
     ``wdq`` plus a ``QuantizeLinear -> DequantizeLinear`` pair (per-tensor symmetric INT8, zero-point 0) on the input
@@ -323,7 +324,8 @@ def export_onnx(mp: MixedPrecisionModel, path, input_shape: tuple[int, int, int]
         input_shape: (C, H, W); the batch dimension is symbolic.
         variant: ``fp32`` | ``fp16`` | ``wdq`` | ``w8a8`` | ``w8a8_ort`` (module docstring).
         opset: ONNX opset, 13..23 (default 17, read by ONNX Runtime and TensorRT(-RTX)); 21+ for ``int4``.
-        int4: in ``wdq``, store layers whose codes fit [-8, 7] (ternary, 3-bit, 4-bit int) as INT4 (the w8a8 forms keep INT8:
+        int4: in ``wdq``, store layers whose codes fit [-8, 7] (ternary, 3-bit, 4-bit int) as INT4 (the w8a8 forms
+            keep INT8:
             TensorRT wants the weight and activation of a conv in the same integer type).
         ranges: ``(input ranges, output ranges)``, each ``{fqn: calib_free.ranges.ActRange}``, for the w8a8
             variants; default: estimated from the BN statistics (:mod:`calib_free.ranges`).

@@ -339,7 +339,8 @@ def inspect_packed(path: str | os.PathLike) -> InspectResult:
     problems = [f"{name} section: checksum mismatch{REPACK}" for name in bad]
     lines = [f"{source}: .dfmpc v{h.version}, arch {printable(h.arch)}, estimator: {printable(h.estimator)}",
              f"input: {_input_text(h)}",
-             f"{'#':>4}  {'layer':<40} {'role':<17} {'bits':>4} {'grid':<6} {'layout':<21} {'shape':<16} {'weights':>10} "
+             f"{'#':>4}  {'layer':<40} {'role':<17} {'bits':>4} {'grid':<6} {'layout':<21} {'shape':<16} "
+             f"{'weights':>10} "
              f"{'bytes':>9} {'bits/w':>6}  status"]
     tensor_bad, row = 0, 0
     for r, data, sc, ins in walk(h, payload):

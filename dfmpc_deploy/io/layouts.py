@@ -32,7 +32,8 @@ from enum import Enum
 import numpy as np
 import torch
 
-__all__ = ["CodeLayout", "COMPRESSED_LAYOUTS", "CODE_GRIDS", "kbit_offset", "codes_to_unsigned", "unsigned_to_codes", "DEFLATE_MAX_RATIO", "MAX_ELEMENTS", "layouts_for_bits",
+__all__ = ["CodeLayout", "COMPRESSED_LAYOUTS", "CODE_GRIDS", "kbit_offset", "codes_to_unsigned", "unsigned_to_codes",
+           "DEFLATE_MAX_RATIO", "MAX_ELEMENTS", "layouts_for_bits",
            "layout_nbytes", "code_nbytes", "pack_ternary_base3", "unpack_ternary_base3", "pack_ternary2",
            "unpack_ternary2", "pack_kbit", "unpack_kbit", "deflate_bytes", "inflate_bytes", "encode_codes",
            "iter_codes", "decode_codes"]

@@ -7,8 +7,8 @@ Data-free, no training:
    high width* (the context the layer will live in, so the score sees its interaction with the others' noise rather
    than an FP network), the BN right after it is re-estimated when ``b`` is below the high width (what the
    pipeline will do to it), and the score is the mean ``KL(p_fp || p_q)`` of the class posteriors:
-   ``S[l][b]``. Quantizers are the plain ones (TWN / the build's k-bit grid, nearest rounding); the build then applies error
-   feedback on top, so the scores rank layers rather than predict the final accuracy.
+   ``S[l][b]``. Quantizers are the plain ones (TWN / the build's k-bit grid, nearest rounding); the build then applies
+   error feedback on top, so the scores rank layers rather than predict the final accuracy.
 2. **Choice.** Minimise ``sum_l S[l][b_l]`` (the additive proxy of the accuracy loss, as in ZeroQ's and HAWQ's
    Pareto selections) subject to the code bytes fitting the budget: an exact multiple-choice knapsack by dynamic
    programming over the budget in ``resolution`` units, each layer's cost rounded *up*, so the result never
@@ -77,7 +77,8 @@ class Allocation:
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, names: Iterable[str], inputs: torch.Tensor, candidates: Iterable[int],
                       context_bits: int, bn_after: dict[str, str] | None = None, per_channel: bool = False,
-                      grid: str = DEFAULT_GRID, progress: Callable[[int, int], None] | None = None) -> dict[str, dict[int, float]]:
+                      grid: str = DEFAULT_GRID, progress: Callable[[int, int], None] | None = None
+                      ) -> dict[str, dict[int, float]]:
     """``S[l][b]``: mean KL(p_fp || p_q) on ``inputs`` with layer ``l`` at ``b`` bits, every other at ``context_bits``.
 
     Args:

@@ -1,7 +1,6 @@
+import numpy as np
 import pytest
 import torch
-
-import numpy as np
 
 from dfmpc_deploy.core.quantizers import (
     DEFAULT_GRID,

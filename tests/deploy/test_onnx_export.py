@@ -190,7 +190,7 @@ def test_int_minus_128_under_a_negative_folded_scale_requantises_only_those_chan
     negative = int((net[1].weight < 0).sum())
     assert 0 < negative < 8
     res = export_variants(mp, tmp_path, SHAPE, ("fp32", "wdq"))
-    assert any(f"'0': int codes of -128" in n and f"{negative} of 8 channels requantised" in n
+    assert any("'0': int codes of -128" in n and f"{negative} of 8 channels requantised" in n
                for n in res["wdq"].notes), res["wdq"].notes
     x = example_inputs(16)
     pq = parity(res["wdq"].path, mp.module, x)
