@@ -106,12 +106,18 @@ def dorefa(w: torch.Tensor, bits: int, per_channel: bool = False) -> tuple[torch
     return codes, (s / n).float()
 
 
-def _row_error(w: torch.Tensor, s: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes of ``w`` (rows, K) on the int grid of step ``s`` (rows,) and each row's squared error (float64)."""
-    safe = torch.where(s > 0, s, torch.ones_like(s))[:, None]
-    codes = round_to_grid(w, safe, bits, "int")
-    err = (codes * s[:, None] - w).double().pow(2).sum(1)
-    return codes, err
+def _int_codes(w: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest int-grid codes of ``w`` (rows, K) for the steps ``s`` (rows,); a zero step gives zero codes."""
+    zero = s <= 0
+    if not bool(zero.any()):
+        return round_to_grid(w, s[:, None], bits, "int")
+    return round_to_grid(w, torch.where(zero, torch.ones_like(s), s)[:, None], bits, "int").mul_(~zero[:, None])
+
+
+def _row_error(w: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each row's squared error ``||w - s q||^2`` on the int grid of step ``s`` (float32 work, float64 sums)."""
+    d = _int_codes(w, s, bits).mul_(s[:, None]).sub_(w)
+    return d.mul_(d).sum(1, dtype=torch.float64)
 
 
 def int_grid(w: torch.Tensor, bits: int, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,18 +151,17 @@ def int_grid(w: torch.Tensor, bits: int, per_channel: bool = False) -> tuple[tor
         cands += [a_all.expand(rows) / top, a_all.expand(rows) / (top + 1)]
         cands += [m_row / d for d in range(1, LATTICE_DIVISORS + 1)]
     best_s = cands[0]
-    best_codes, best_err = _row_error(wf, best_s, bits)
+    best_err = _row_error(wf, best_s, bits)
     for s in cands[1:]:
-        codes, err = _row_error(wf, s, bits)
+        err = _row_error(wf, s, bits)
         if per_channel:
             better = err < best_err
-            best_s = torch.where(better, s, best_s)
-            best_codes = torch.where(better[:, None], codes, best_codes)
-            best_err = torch.where(better, err, best_err)
+            best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
         elif float(err.sum()) < float(best_err.sum()):
-            best_s, best_codes, best_err = s, codes, err
-    scale = _snap(wf, best_codes, best_s, best_err, per_channel)
-    return best_codes.to(torch.int16).reshape(w.shape), scale
+            best_s, best_err = s, err
+    codes = _int_codes(wf, best_s, bits)
+    scale = _snap(wf, codes, best_s, best_err, per_channel)
+    return codes.to(torch.int16).reshape(w.shape), scale
 
 
 def _snap(w: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, err: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -167,7 +172,8 @@ def _snap(w: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, err: torch.Tens
         cand = s
         for _ in range(SNAP_ULPS):
             cand = torch.nextafter(cand, torch.full_like(cand, direction))
-            e = (codes * cand[:, None] - w).double().pow(2).sum(1)
+            d = (codes * cand[:, None]).sub_(w)
+            e = d.mul_(d).sum(1, dtype=torch.float64)
             better = (e < err) if per_channel else (e.sum() < err.sum()).expand_as(e)
             s, err = torch.where(better, cand, s), torch.where(better, e, err)
     return s
@@ -189,11 +195,10 @@ def round_to_grid(v: Any, scale: Any, bits: int, grid: str) -> Any:
     ``clip(2 round((v/s + n)/2) - n, -n, n)``, n = 2^k - 1. Ties round half to even. Returns ``v``'s float type.
     """
     xp: Any = np if isinstance(v, np.ndarray) else torch
-    if bits == 2:
-        return xp.clip(xp.round(v / scale), -1, 1)
-    if check_grid(grid) == "int":
-        half = 2 ** (bits - 1)
-        return xp.clip(xp.round(v / scale), -half, half - 1)
+    if bits == 2 or check_grid(grid) == "int":
+        lo, hi = (-1, 1) if bits == 2 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        q = v / scale  # a new array: rounded and clipped in place
+        return xp.clip(xp.round(q, out=q), lo, hi, out=q)
     n = 2 ** bits - 1
     return xp.clip(2 * xp.round((v / scale + n) / 2) - n, -n, n)
 
