@@ -15,12 +15,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from . import report as R
 from .core.config import InputSpec
+from .core.graph import GraphAnalysis
 from .core.options import int_in, option, options_of, positive_int, split_values
+from .deploy.targets import run_targets
 from .errors import DfmpcError, UsageError
-from .passes.base import json_value
+from .io.container import fp32_nbytes, save_packed
+from .io.outdir import OutputDir
+from .passes.base import json_value, run_recipe
+from .passes.recipes import RECIPES, get_recipe
+from .report import write_report
 from .report.model import BuildSettings, Sha256
-from .zoo.data import DataSpec, parse_data_spec
+from .zoo.data import DataSpec, load_dataset, parse_data_spec
+from .zoo.evaluate import accuracy
+from .zoo.models import get_spec, load_model, model_from_module
 
 if TYPE_CHECKING:
     from .report import Report
@@ -106,9 +115,6 @@ class BuildConfig:
     input_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
-        from .passes.recipes import RECIPES
-        from .zoo.models import get_spec
-
         if self.module is None:
             get_spec(self.model)  # an unknown name fails before anything is created
         elif self.input_shape is None or self.mean is None or self.std is None:
@@ -174,9 +180,6 @@ def run_build(cfg: BuildConfig, progress=None, warn=None) -> Report:
     """
     import torch
 
-    from .io.outdir import OutputDir
-    from .report import write_report
-
     device = resolve_device(cfg.device)
     threads_before = torch.get_num_threads()
     try:
@@ -211,13 +214,6 @@ def _stage(timings: dict, name: str, t0: float) -> None:
 
 def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
     import torch
-
-    from .core.graph import GraphAnalysis
-    from .passes.base import run_recipe
-    from .passes.recipes import get_recipe
-    from .zoo.data import load_dataset
-    from .zoo.evaluate import accuracy
-    from .zoo.models import load_model, model_from_module
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -283,7 +279,6 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
         _stage(timings, "evaluate", t)
         acc = (data.name, len(data.labels), results)
 
-    from .io.container import fp32_nbytes, save_packed
     pack_info = None
     if cfg.pack:
         t = time.perf_counter()
@@ -294,7 +289,6 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
     wanted = [x for x in cfg.targets if x != "torch"]
     if wanted:
         t = time.perf_counter()
-        from .deploy.targets import run_targets
         known = {}
         if acc is not None:
             known = {"torch_fp32": acc[2]["fp32"],
@@ -334,9 +328,6 @@ def _report(cfg: BuildConfig, lm, mp, input_shape, mean, std, device, timings, n
             pack_info: dict | None, frag: dict, targets: tuple[str, ...]) -> Report:
     """The typed report of the build (dfmpc_deploy.report): model, recipe as it ran, sizes, accuracy, latency."""
     import torch
-
-    from . import report as R
-    from .passes.recipes import get_recipe
 
     run = mp.config
     recipe = get_recipe(run.recipe)
