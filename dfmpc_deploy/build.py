@@ -23,13 +23,14 @@ from .deploy.targets import run_targets
 from .errors import DfmpcError, UsageError
 from .io.container import fp32_nbytes, save_packed
 from .io.outdir import OutputDir
-from .passes.base import json_value, run_recipe
+from .passes import base
+from .passes.base import json_value
 from .passes.recipes import RECIPES, get_recipe
 from .report import write_report
 from .report.model import BuildSettings, Sha256
+from .zoo import models
 from .zoo.data import DataSpec, load_dataset, parse_data_spec
 from .zoo.evaluate import accuracy
-from .zoo.models import get_spec, load_model, model_from_module
 
 if TYPE_CHECKING:
     from .report import Report
@@ -116,7 +117,7 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         if self.module is None:
-            get_spec(self.model)  # an unknown name fails before anything is created
+            models.get_spec(self.model)  # an unknown name fails before anything is created
         elif self.input_shape is None or self.mean is None or self.std is None:
             raise UsageError(f"building your own module '{self.model}' needs input_shape=(C, H, W) and the mean and "
                              f"std of its input normalisation (they are recorded in model.dfmpc)")
@@ -218,10 +219,10 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if cfg.module is not None:
-        lm = model_from_module(cfg.module, cfg.model, cfg.input_shape, cfg.mean, cfg.std)  # type: ignore[arg-type]
+        lm = models.model_from_module(cfg.module, cfg.model, cfg.input_shape, cfg.mean, cfg.std)  # type: ignore[arg-type]
     else:
-        lm = load_model(cfg.model, cfg.weights, seed=cfg.seed, unsafe_pickle=cfg.unsafe_pickle,
-                        weights_format=cfg.weights_format)
+        lm = models.load_model(cfg.model, cfg.weights, seed=cfg.seed, unsafe_pickle=cfg.unsafe_pickle,
+                               weights_format=cfg.weights_format)
     spec = lm.spec
     graph = GraphAnalysis.of(lm.module)
     _stage(timings, "load", t)
@@ -245,7 +246,7 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
         real = data.images[torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))[:200]]
 
     t = time.perf_counter()
-    mp = run_recipe(recipe, lm.module, input_shape, cfg.settings, arch=lm.arch, real_inputs=real,
+    mp = base.run_recipe(recipe, lm.module, input_shape, cfg.settings, arch=lm.arch, real_inputs=real,
                     progress=progress, device=device, seed=cfg.seed, graph=graph)
     _stage(timings, "compensate", t)
     mp.input = InputSpec(tuple(input_shape), tuple(mean), tuple(std), spec.resize)  # type: ignore[arg-type]
@@ -270,7 +271,7 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
             results["quantized_uncompensated"] = accuracy(mp.module, data, progress=_task(progress, "eval rtn"),
                                                           graph=g)
         else:
-            rtn = run_recipe(get_recipe("rtn"), lm.module, input_shape,
+            rtn = base.run_recipe(get_recipe("rtn"), lm.module, input_shape,
                              {k: v for k, v in cfg.settings.items() if k in ("bits", "per_channel")},
                              arch=lm.arch, graph=graph)
             results["quantized_uncompensated"] = accuracy(rtn.module, data, graph=g,

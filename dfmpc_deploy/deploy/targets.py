@@ -23,7 +23,6 @@ from ..errors import DfmpcError, MissingDependencyError, UsageError
 from ..zoo.evaluate import accuracy as torch_accuracy
 from . import ort, trt
 from .onnx_export import VARIANTS, export_variants
-from .trt import cuda_latency_ms, require_cuda
 
 __all__ = ["TARGETS", "TRT_VARIANTS", "ORT_VARIANTS", "run_targets", "torch_cuda_latency"]
 
@@ -65,8 +64,7 @@ def torch_cuda_latency(module: nn.Module, input_shape: tuple[int, int, int], bat
     Raises:
         DfmpcError: no CUDA device.
     """
-
-    require_cuda("--target torch-cuda")
+    trt.require_cuda("--target torch-cuda")
     model = copy.deepcopy(module).eval().to("cuda", dtype)
     stream = torch.cuda.Stream()
     res = {}
@@ -82,7 +80,7 @@ def torch_cuda_latency(module: nn.Module, input_shape: tuple[int, int, int], bat
             with torch.cuda.graph(graph, stream=stream):
                 model(x)
             launch = graph.replay
-        res[str(bs)] = cuda_latency_ms(launch, stream, **timing)
+        res[str(bs)] = trt.cuda_latency_ms(launch, stream, **timing)
     return res
 
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from ..errors import DfmpcError
 from ..io.atomic import atomic_write_text
-from .html import render_html
-from .markdown import render_markdown
+from . import html, markdown
 from .model import Report, ReportError
 
 __all__ = ["write_report", "read_report", "report_json"]
@@ -38,8 +37,8 @@ def write_report(out_dir: str | os.PathLike, report: Report) -> None:
     out = Path(out_dir)
     if not out.is_dir():
         raise DfmpcError(f"cannot write the report: '{out}' is not a directory")
-    texts = {"report.json": report_json(report), "report.md": render_markdown(report),
-             "report.html": render_html(report)}
+    texts = {"report.json": report_json(report), "report.md": markdown.render_markdown(report),
+             "report.html": html.render_html(report)}
     for name, text in texts.items():
         atomic_write_text(out / name, text)
 
