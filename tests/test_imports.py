@@ -12,7 +12,8 @@ An edge goes to the module an import names, as Python resolves it: ``from pkg im
 ``pkg.name`` when that is a module, else to ``pkg``. The parent packages Python runs before a submodule are not
 edges (a package's ``__init__`` importing its own submodules is not a cycle). Imports under ``if TYPE_CHECKING:``
 never run and are not edges. Imports by name at run time (``importlib.import_module``: the package's lazy
-attributes in ``dfmpc_deploy/__init__.py``, optional packages through ``_deps.require``) are not seen. Run ``python tests/test_imports.py`` for the graph's numbers and the lazy imports.
+attributes in ``dfmpc_deploy/__init__.py``, optional packages through ``_deps.require``) are not seen. Run
+``python tests/test_imports.py`` for the graph's numbers and the lazy imports.
 """
 from __future__ import annotations
 
