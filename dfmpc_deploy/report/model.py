@@ -126,7 +126,7 @@ class Bits(Section):
             mixed: True for a per-layer allocation.
             grid: the k-bit grid, when known.
         """
-        from ..io.layouts import code_nbytes
+        from ..io.layouts import code_nbytes  # lazy: io.layouts imports torch, and the report reads without it
 
         rows = list(rows)
         n = sum(r.params for r in rows)
