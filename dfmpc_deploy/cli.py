@@ -19,13 +19,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .build import BuildConfig, run_build
 from .core.options import add_arguments, options_of
 from .core.progress import Progress
-from .errors import DfmpcError, UsageError
+from .errors import BadFileError, DfmpcError, UsageError
+from .io.container import inspect_packed
 from .io.outdir import interrupt_status, terminate_as_interrupt
 from .packed import EvalConfig, ExportConfig, run_eval, run_export, top_line
+from .passes.recipes import PASS_CLASSES, RECIPES
 from .replay import replay
+from .report import report_json
 from .report.export import ExportReport, export_report_json
+from .sweep.command import add_parser as add_sweep_parser
+from .zoo.models import REGISTRY
 
 __all__ = ["main", "SUBCOMMANDS"]
 
@@ -40,9 +46,6 @@ _BUILD_EXAMPLE = """example:
 
 
 def _add_build(sub) -> None:
-    from .build import BuildConfig
-    from .passes.recipes import PASS_CLASSES, RECIPES
-
     p = sub.add_parser("build", parents=[_common()],
                        help="compensate a model to mixed precision, pack, export and report",
                        description="Quantize MODEL with a recipe of passes (default dfmpc: low/high-bit pairs with "
@@ -66,8 +69,6 @@ def _add_build(sub) -> None:
 def _cmd_build(args) -> int:
     import dataclasses
 
-    from .build import BuildConfig, run_build
-
     given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and k != "from_report"}
     warn = lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)  # noqa: E731
     if args.from_report is not None:
@@ -90,7 +91,6 @@ def _cmd_build(args) -> int:
 
 def _print_build(args, rep, out: Path) -> int:
     if args.json:
-        from .report import report_json
         print(report_json(rep))
     elif not args.quiet:
         print(_summary(rep, Path(out)))
@@ -118,7 +118,6 @@ def _add_models(sub) -> None:
 
 
 def _cmd_models(args) -> int:
-    from .zoo.models import REGISTRY
     for name in sorted(REGISTRY):
         s = REGISTRY[name]
         print(f"{name:<26} {s.input_size:>3}px {s.num_classes:>5} classes  {s.source}")
@@ -138,8 +137,6 @@ def _cmd_inspect(args) -> int:
     (``inspect ... | head -1``) ends the output quietly; the exit status still says whether the file is valid."""
     import os
 
-    from .errors import BadFileError
-    from .io.container import inspect_packed
     result = inspect_packed(args.file)
     try:
         print(result.text, flush=True)
@@ -219,8 +216,7 @@ def _cmd_eval(args) -> int:
 
 
 def _add_sweep(sub) -> None:
-    from .sweep.command import add_parser
-    add_parser(sub, _common())
+    add_sweep_parser(sub, _common())
 
 
 SUBCOMMANDS = (_add_build, _add_models, _add_inspect, _add_export, _add_eval, _add_sweep)

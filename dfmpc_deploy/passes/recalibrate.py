@@ -189,9 +189,10 @@ class Recalibrate(Pass):
             grid: dict[str, Any] = {} if mults is None else {"multipliers": mults}
             if isinstance(m, nn.Conv2d) and m.groups > 1:
                 codes, scale, mult = grouped_codes(w, h, q.scale.to(x.device), q.bits, m.groups,
-                                                   multipliers=mults or GRID_MULTIPLIERS)
+                                                   multipliers=mults or GRID_MULTIPLIERS, grid=q.grid)
             else:
-                codes, scale, mult = best_grid_codes(w, h, q.scale.to(x.device), q.bits, seed=ctx.seed, **grid)
+                codes, scale, mult = best_grid_codes(w, h, q.scale.to(x.device), q.bits, seed=ctx.seed, grid=q.grid,
+                                                     **grid)
             q.codes = codes.reshape(q.codes.shape).to("cpu", q.codes.dtype)
             q.scale = scale.float().cpu()
             with torch.no_grad():

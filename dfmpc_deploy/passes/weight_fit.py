@@ -29,13 +29,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from calib_free.ranges import estimate_act_ranges
+
 from ..core.options import option
+from ..core.quantizers import round_to_grid
 from ..core.state import QuantLayer
 from ..core.threads import one_thread
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
 from .equalize import Equalize
-from .rounding import GRID_MULTIPLIERS, nearest_codes
+from .rounding import GRID_MULTIPLIERS
 
 __all__ = ["EqualizeForGrid", "FitWeights", "CorrectBias", "fit_layer"]
 
@@ -76,7 +79,7 @@ def fit_layer(w: torch.Tensor, q: QuantLayer, fit_grid: bool = True, fit_c: bool
         for m in multipliers:
             if m == 1.0:
                 continue
-            cand = nearest_codes(wf, (m * base)[:, None], q.bits)
+            cand = round_to_grid(wf, (m * base)[:, None], q.bits, q.grid)
             err = _weight_error(cand, m * base, wf, fit_c)
             if err < best:
                 best, best_m, codes = err, m, cand
@@ -213,8 +216,6 @@ class CorrectBias(Pass):
             return self._correct(ctx)
 
     def _correct(self, ctx: Context) -> dict:
-        from calib_free.ranges import estimate_act_ranges
-
         fp_mods, q_mods = dict(ctx.fp_model.named_modules()), dict(ctx.model.named_modules())
         moments = estimate_act_ranges(ctx.fp_model, graph=ctx.graph.graph, statistics="propagate",
                                       coherent=self.windows == "coherent")
