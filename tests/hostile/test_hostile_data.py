@@ -176,7 +176,7 @@ def test_class_count_must_match_the_model(tmp_path):
 def test_fifo_named_like_an_image_does_not_hang(tmp_path):
     root = _folder(tmp_path)
     os.mkfifo(root / "dog" / "b.jpg")
-    with pytest.raises(DfmpcError, match=r"'.*b\.jpg' is not a regular file") as e:
+    with pytest.raises(DfmpcError, match=r"'.*b\.jpg' is .*not a regular file") as e:
         _load(f"imagefolder:{root}")
     one_line(e)
 
@@ -300,7 +300,7 @@ def test_labels_file_missing_binary_or_fifo(tmp_path):
 def test_imagenet_entry_that_is_a_device_is_refused(tmp_path):
     root = _imagenet(tmp_path, "a.png 1\nzero.png 2\n")
     os.symlink("/dev/zero", root / "images" / "zero.png")
-    with pytest.raises(DfmpcError, match=r"zero\.png' is not a regular file"):
+    with pytest.raises(DfmpcError, match=r"zero\.png' is .*not a regular file"):
         _load(f"imagenet:{root}")
 
 
