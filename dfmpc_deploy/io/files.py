@@ -21,7 +21,8 @@ import struct
 
 from ..errors import DfmpcError
 
-__all__ = ["read_regular_file", "open_regular", "file_kind", "os_error_line", "sniff", "check_not_sparse",
+__all__ = ["read_regular_file", "open_regular", "file_kind", "os_error_line", "sniff", "check_not_sparse", "emit",
+           "silence_stdout",
            "SPARSE_SLACK", "printable_path"]
 
 #: bytes a file's ``st_size`` may exceed what its disk blocks hold before it counts as sparse (filesystems allocate
@@ -155,3 +156,34 @@ def sniff(head: bytes) -> str:
         if 2 <= n <= 100_000_000 and head[8:9] == b"{":
             return "safetensors"
     return "unknown"
+
+
+def silence_stdout() -> None:
+    """Point descriptor 1 at /dev/null, so the interpreter's own flush of a stdout that failed (closed pipe, full
+    disk) at exit raises nothing."""
+    import sys
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def emit(text: str, end: str = "\n") -> None:
+    """Write ``text`` to stdout and flush: the one way the CLI prints results (JSON included, so ``--json`` output
+    is only JSON). A reader that closed the pipe (``| head -1``) ends the output quietly; any other write error
+    (``> /dev/full``: ENOSPC, EIO) is one line.
+
+    Raises:
+        DfmpcError: stdout cannot be written (naming why).
+    """
+    import sys
+
+    try:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+    except OSError as err:
+        silence_stdout()
+        raise DfmpcError(f"cannot write the output to stdout: {err.strerror or err}") from None

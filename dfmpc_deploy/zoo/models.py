@@ -275,8 +275,9 @@ def load_state_dict_file(path: str | os.PathLike, unsafe_pickle: bool = False) -
                          f"'dfmpc-deploy eval/export {shown}', or give --weights the float state dict it was built "
                          f"from")
     if kind == "unknown":
-        raise DfmpcError(f"'{shown}' is neither a torch checkpoint (zip or pickle) nor a safetensors file (it starts "
-                         f"with {head[:8]!r}); pass a .pth/.th/.safetensors state dict")
+        raise DfmpcError(f"cannot read weights '{shown}': by its content it is neither a torch checkpoint (zip or "
+                         f"pickle) nor a safetensors file (it starts with {head[:8]!r}); pass a .pth/.th/.safetensors "
+                         f"state dict")
     if kind == "safetensors":
         st_mod = require("safetensors.torch", "models")
         try:

@@ -100,7 +100,7 @@ def test_malformed_cifar_batches(tmp_path, case, expect):
     b = _good_batch()
     raw = {
         "empty": b"",
-        "garbage": os.urandom(64),
+        "garbage": np.random.default_rng(22).bytes(64),
         "truncated": _cut(pickle.dumps(b)),
         "list": pickle.dumps([1, 2, 3]),
         "wrong_key": pickle.dumps({b"pixels": b[b"data"], b"labels": b[b"labels"]}),
