@@ -326,6 +326,12 @@ def _main(argv: Sequence[str] | None) -> int:
         except OSError as err:  # the environment, not a bug: ENAMETOOLONG, ENOSPC, EACCES, EIO, ...
             _error(os_error_line(err))
             return 1
+        except RuntimeError as err:  # torch's allocator: "DefaultCPUAllocator: can't allocate memory", CUDA OOM
+            if not any(w in str(err) for w in ("can't allocate memory", "out of memory", "not enough memory")):
+                raise
+            _error(f"not enough memory for this command ({one_line(str(err), 160)}); use smaller batch sizes or "
+                   f"fewer samples; nothing was written")
+            return 1
         except MemoryError:
             _error("not enough memory for this command (the input is too large for this machine, or a memory "
                    "limit is set); nothing was written")

@@ -40,7 +40,8 @@ from ..errors import DfmpcError, one_line
 from ..io.files import file_kind, os_error_line, printable_path, read_regular_file
 
 __all__ = ["MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "IMAGE_FORMATS", "read_regular_file", "preprocess", "decode_image",
-           "to_rgb8", "normalize", "decode_images", "default_workers", "check_regular_files", "check_dataset_memory"]
+           "to_rgb8", "normalize", "decode_images", "default_workers", "check_regular_files", "check_dataset_memory",
+           "check_flag_memory"]
 
 MAX_IMAGE_BYTES = 64 << 20
 #: pixels per image (a 6000x4000 camera photo), checked from the header before decoding: at most ~100 MB decoded per
@@ -186,6 +187,31 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+#: working memory per input element, as a multiple of the input's own float32 bytes: a forward pass keeps a few
+#: activation maps (latency batches), synthesis keeps every activation for the backward pass (a ResNet-50 holds
+#: ~150x its input; the factors err on the generous side so only hopeless values are refused)
+FORWARD_FACTOR = 32
+BACKWARD_FACTOR = 64
+
+
+def check_flag_memory(flag: str, n: int, input_shape: Sequence[int], factor: int) -> None:
+    """Refuse up front, naming ``flag``, when ``n`` inputs of ``input_shape`` need more than 80 % of the free memory
+    (``n x 4 x C x H x W x factor`` bytes), instead of failing in the allocator later.
+
+    Raises:
+        UsageError: naming the flag, the bytes needed and the largest value that fits.
+    """
+    from ..errors import UsageError
+
+    free = available_memory_bytes()
+    per = 4 * factor * int(np.prod(input_shape))
+    if free is None or n * per <= 0.8 * free:
+        return
+    fit = max(1, int(0.8 * free // per))
+    raise UsageError(f"{flag} {n}: {n} inputs of {'x'.join(map(str, input_shape))} need about {n * per / 2**30:.1f} "
+                     f"GiB of working memory, more than the {free / 2**30:.1f} GiB free; give {fit} or fewer")
 
 
 def check_dataset_memory(n: int, size: int) -> None:
