@@ -52,6 +52,8 @@ def os_error_line(err: OSError, what: str = "", path: str | os.PathLike | None =
             errno.EACCES: "; check its permissions", errno.ELOOP: "; a symbolic link loops"}.get(err.errno or 0, "")
     where = f" {what}" if what else ""
     target = f" '{printable_path(name)}'" if name is not None else ""
+    if err.errno == errno.ENOENT and target:
+        return f"{what or 'file'}{target} does not exist"
     return f"cannot read{where}{target}: {reason}{hint}"
 
 

@@ -292,7 +292,8 @@ def load_state_dict_file(path: str | os.PathLike, unsafe_pickle: bool = False) -
         if unsafe_pickle:
             log.warning("--unsafe-pickle: unpickling %s can run arbitrary code; only use files you trust", shown)
         try:
-            sd = torch.load(str(p), map_location="cpu", weights_only=not unsafe_pickle)
+            with open(p, "rb") as fh:  # a file object: torch.load would pick a loader by the name's suffix
+                sd = torch.load(fh, map_location="cpu", weights_only=not unsafe_pickle)
         except Exception as err:  # noqa: BLE001 - pickle/zip errors come in many types
             glob = re.search(r"unsupported global\W+(?:GLOBAL\s+)?([\w.]+)", str(err), re.IGNORECASE)
             if glob:

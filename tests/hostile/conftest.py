@@ -6,11 +6,12 @@ import pytest
 
 @pytest.fixture
 def deadline():
-    """Fail instead of hanging: a blocking open or read is interrupted after 10 s (use with ``usefixtures``)."""
+    """Fail instead of hanging: a blocking open or read is interrupted after 60 s (generous for a loaded 2-core CI
+    machine; use with ``usefixtures``)."""
     def boom(*_):
-        raise TimeoutError("hung for 10 s")
+        raise TimeoutError("hung for 60 s")
     old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(10)
+    signal.alarm(60)
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
