@@ -14,12 +14,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from . import report as R
 from .core.config import InputSpec, normalization_problem
+from .core.graph import GraphAnalysis
 from .core.options import float32_problem, int_in, option, options_of, positive_int, split_values
+from .deploy.targets import run_targets
 from .errors import DfmpcError, UsageError
+from .io.container import fp32_nbytes, save_packed
+from .io.outdir import OutputDir
+from .passes import base
 from .passes.base import json_value
+from .passes.recipes import RECIPES, get_recipe
+from .report import write_report
 from .report.model import BuildSettings, Sha256
-from .zoo.data import DataSpec, parse_data_spec
+from .zoo import models
+from .zoo.data import DataSpec, load_dataset, parse_data_spec
+from .zoo.evaluate import accuracy
 
 if TYPE_CHECKING:
     from .report import Report
@@ -109,16 +119,13 @@ class BuildConfig:
     input_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
-        from .passes.recipes import RECIPES
-        from .zoo.models import get_spec
-
         if self.module is None:
-            get_spec(self.model)  # an unknown name fails before anything is created
+            models.get_spec(self.model)  # an unknown name fails before anything is created
         elif self.input_shape is None or self.mean is None or self.std is None:
             raise UsageError(f"building your own module '{self.model}' needs input_shape=(C, H, W) and the mean and "
                              f"std of its input normalisation (they are recorded in model.dfmpc)")
         if self.module is None and (self.mean is not None or self.std is not None):
-            spec = get_spec(self.model)
+            spec = models.get_spec(self.model)
             why = normalization_problem(self.mean or spec.mean, self.std or spec.std)
             if why:
                 raise UsageError(f"bad --mean/--std: {why}")
@@ -140,12 +147,11 @@ class BuildConfig:
         """The largest --batch-sizes and --synth-samples must fit in memory (one line now, not the allocator's
         traceback later)."""
         from .zoo.images import BACKWARD_FACTOR, FORWARD_FACTOR, check_flag_memory
-        from .zoo.models import get_spec
 
         if self.module is not None:
             shape = tuple(self.input_shape or (3, 224, 224))
         else:
-            size = get_spec(self.model).input_size
+            size = models.get_spec(self.model).input_size
             shape = (3, size, size)
         check_flag_memory("--batch-sizes", max(self.batch_sizes), shape, FORWARD_FACTOR)
         samples = self.settings.get("synth_samples") if isinstance(self.settings, Mapping) else None
@@ -202,9 +208,6 @@ def run_build(cfg: BuildConfig, progress=None, warn=None) -> Report:
     """
     import torch
 
-    from .io.outdir import OutputDir
-    from .report import write_report
-
     device = resolve_device(cfg.device)
     threads_before = torch.get_num_threads()
     try:
@@ -240,20 +243,13 @@ def _stage(timings: dict, name: str, t0: float) -> None:
 def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
     import torch
 
-    from .core.graph import GraphAnalysis
-    from .passes.base import run_recipe
-    from .passes.recipes import get_recipe
-    from .zoo.data import load_dataset
-    from .zoo.evaluate import accuracy
-    from .zoo.models import load_model, model_from_module
-
     timings: dict[str, float] = {}
     t = time.perf_counter()
     if cfg.module is not None:
-        lm = model_from_module(cfg.module, cfg.model, cfg.input_shape, cfg.mean, cfg.std)  # type: ignore[arg-type]
+        lm = models.model_from_module(cfg.module, cfg.model, cfg.input_shape, cfg.mean, cfg.std)  # type: ignore[arg-type]
     else:
-        lm = load_model(cfg.model, cfg.weights, seed=cfg.seed, unsafe_pickle=cfg.unsafe_pickle,
-                        weights_format=cfg.weights_format)
+        lm = models.load_model(cfg.model, cfg.weights, seed=cfg.seed, unsafe_pickle=cfg.unsafe_pickle,
+                               weights_format=cfg.weights_format)
     spec = lm.spec
     graph = GraphAnalysis.of(lm.module)
     _stage(timings, "load", t)
@@ -277,7 +273,7 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
         real = data.images[torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))[:200]]
 
     t = time.perf_counter()
-    mp = run_recipe(recipe, lm.module, input_shape, cfg.settings, arch=lm.arch, real_inputs=real,
+    mp = base.run_recipe(recipe, lm.module, input_shape, cfg.settings, arch=lm.arch, real_inputs=real,
                     progress=progress, device=device, seed=cfg.seed, graph=graph)
     _stage(timings, "compensate", t)
     mp.input = InputSpec(tuple(input_shape), tuple(mean), tuple(std), spec.resize)  # type: ignore[arg-type]
@@ -302,7 +298,7 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
             results["quantized_uncompensated"] = accuracy(mp.module, data, progress=_task(progress, "eval rtn"),
                                                           graph=g)
         else:
-            rtn = run_recipe(get_recipe("rtn"), lm.module, input_shape,
+            rtn = base.run_recipe(get_recipe("rtn"), lm.module, input_shape,
                              {k: v for k, v in cfg.settings.items() if k in ("bits", "per_channel")},
                              arch=lm.arch, graph=graph)
             results["quantized_uncompensated"] = accuracy(rtn.module, data, graph=g,
@@ -311,7 +307,6 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
         _stage(timings, "evaluate", t)
         acc = (data.name, len(data.labels), results)
 
-    from .io.container import fp32_nbytes, save_packed
     pack_info = None
     if cfg.pack:
         t = time.perf_counter()
@@ -322,7 +317,6 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
     wanted = [x for x in cfg.targets if x != "torch"]
     if wanted:
         t = time.perf_counter()
-        from .deploy.targets import run_targets
         known = {}
         if acc is not None:
             known = {"torch_fp32": acc[2]["fp32"],
@@ -362,9 +356,6 @@ def _report(cfg: BuildConfig, lm, mp, input_shape, mean, std, device, timings, n
             pack_info: dict | None, frag: dict, targets: tuple[str, ...]) -> Report:
     """The typed report of the build (dfmpc_deploy.report): model, recipe as it ran, sizes, accuracy, latency."""
     import torch
-
-    from . import report as R
-    from .passes.recipes import get_recipe
 
     run = mp.config
     recipe = get_recipe(run.recipe)

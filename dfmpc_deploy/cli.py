@@ -36,14 +36,20 @@ from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from . import __version__  # noqa: E402
+from .build import BuildConfig, run_build  # noqa: E402
 from .core.options import add_arguments, options_of  # noqa: E402
 from .core.progress import Progress  # noqa: E402
-from .errors import DfmpcError, UsageError, one_line  # noqa: E402
+from .errors import BadFileError, DfmpcError, UsageError, one_line  # noqa: E402
+from .io.container import inspect_packed  # noqa: E402
 from .io.files import emit, os_error_line  # noqa: E402
 from .io.outdir import interrupt_status, terminate_as_interrupt  # noqa: E402
 from .packed import EvalConfig, ExportConfig, run_eval, run_export, top_line  # noqa: E402
+from .passes.recipes import PASS_CLASSES, RECIPES  # noqa: E402
 from .replay import replay  # noqa: E402
+from .report import report_json  # noqa: E402
 from .report.export import ExportReport, export_report_json  # noqa: E402
+from .sweep.command import add_parser as add_sweep_parser  # noqa: E402
+from .zoo.models import REGISTRY  # noqa: E402
 
 __all__ = ["main", "SUBCOMMANDS"]
 
@@ -58,9 +64,6 @@ _BUILD_EXAMPLE = """example:
 
 
 def _add_build(sub) -> None:
-    from .build import BuildConfig
-    from .passes.recipes import PASS_CLASSES, RECIPES
-
     p = sub.add_parser("build", parents=[_common()],
                        help="compensate a model to mixed precision, pack, export and report",
                        description="Quantize MODEL with a recipe of passes (default dfmpc: low/high-bit pairs with "
@@ -84,8 +87,6 @@ def _add_build(sub) -> None:
 def _cmd_build(args) -> int:
     import dataclasses
 
-    from .build import BuildConfig, run_build
-
     given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and k != "from_report"}
     warn = lambda m: print(f"warning: {one_line(m, 1000)}", file=sys.stderr, flush=True)  # noqa: E731
     if args.from_report is not None:
@@ -108,7 +109,6 @@ def _cmd_build(args) -> int:
 
 def _print_build(args, rep, out: Path) -> int:
     if args.json:
-        from .report import report_json
         emit(report_json(rep))
     elif not args.quiet:
         emit(_summary(rep, Path(out)))
@@ -136,7 +136,6 @@ def _add_models(sub) -> None:
 
 
 def _cmd_models(args) -> int:
-    from .zoo.models import REGISTRY
     specs = [REGISTRY[name] for name in sorted(REGISTRY)]
     if args.json:
         emit(json.dumps([{"name": s.name, "input_size": s.input_size, "num_classes": s.num_classes,
@@ -158,8 +157,6 @@ def _cmd_inspect(args) -> int:
     """Print the check of every byte of the file (``--json``: ``{"file", "ok", "problems", "size"}``; ``-q``: only
     the exit status); exit 1 if anything is bad. A reader that closes the pipe early (``inspect ... | head -1``) ends
     the output quietly; the exit status still says whether the file is valid."""
-    from .errors import BadFileError
-    from .io.container import inspect_packed
     result = inspect_packed(args.file)
     if args.json:
         emit(json.dumps({"file": str(args.file), "ok": result.ok, "problems": list(result.problems),
@@ -240,8 +237,7 @@ def _cmd_eval(args) -> int:
 
 
 def _add_sweep(sub) -> None:
-    from .sweep.command import add_parser
-    add_parser(sub, _common())
+    add_sweep_parser(sub, _common())
 
 
 SUBCOMMANDS = (_add_build, _add_models, _add_inspect, _add_export, _add_eval, _add_sweep)

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from dfmpc_deploy.sweep import Store
 from tests.conftest import ROOT, needs_shared
 
@@ -58,3 +60,16 @@ def test_export_parity_compares_export_with_build(tmp_path):
     assert set(run["variants"]) == {"fp32", "fp16", "wdq", "w8a8", "w8a8_ort"} and run["images"] == 20
     assert all(v["bytes_equal"] and v["max_abs_diff_outputs"] == 0 for v in run["variants"].values())
     assert all(run["goals"].values()) and run["input_source"] == "file"
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="compares against a git ref: needs a git checkout")
+def test_startup_time_compares_the_tree_with_a_ref(tmp_path):
+    out = tmp_path / "st.json"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "startup_time.py"), "--ref", "HEAD", "--samples", "1",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())["modules"]
+    assert set(rows) == {"dfmpc_deploy", "dfmpc_deploy.report", "dfmpc_deploy.sweep", "dfmpc_deploy.build",
+                         "dfmpc_deploy.cli", "--help"}
+    assert all(row[k]["median_s"] > 0 for row in rows.values() for k in ("ref", "tree"))
+    assert rows["dfmpc_deploy"]["tree"]["heavy"] == [] and "torch" in rows["dfmpc_deploy.build"]["ref"]["heavy"]

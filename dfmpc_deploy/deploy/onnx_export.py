@@ -50,10 +50,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from calib_free.ranges import estimate_act_ranges, estimate_output_ranges, input_range_from_normalization
+
 from .._deps import require
 from ..core.state import MixedPrecisionModel
+from ..core.stats import bn_status
 from ..errors import DfmpcError
 from ..io.atomic import atomic_write_bytes
+from ..zoo.models import REGISTRY
 from .onnx_rewrite import INPUT_NAME, OUTPUT_NAME, QuantizedWeight, Rewriter, find_initializer, to_fp16
 
 __all__ = ["VARIANTS", "OnnxExport", "OnnxBase", "export_onnx", "export_variants", "onnx_from_mp",
@@ -230,19 +234,15 @@ def _drop_initializer_identities(model) -> None:
 
 def _ranges(mp: MixedPrecisionModel, input_range, notes: list[str]) -> tuple[dict, dict]:
     """Data-free (input ranges, output ranges) of every quantized layer (calib_free.ranges)."""
-    from calib_free.ranges import estimate_act_ranges, estimate_output_ranges, input_range_from_normalization
 
     if input_range is None and mp.input is not None:  # recorded by build (and in .dfmpc files of format 3)
         input_range = input_range_from_normalization(mp.input.mean, mp.input.std)
     if input_range is None:
-        from ..zoo.models import REGISTRY
-
         spec = REGISTRY.get(mp.arch)
         if spec is not None:
             input_range = input_range_from_normalization(spec.mean, spec.std)
         else:
             notes.append(f"w8a8: input normalisation of '{mp.arch}' unknown; input range assumed N(0, 1) +- k")
-    from ..core.stats import bn_status
 
     statistics = "propagate" if bn_status(mp.module) == "identity" else "bn"
     if statistics == "propagate":

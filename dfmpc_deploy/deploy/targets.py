@@ -20,6 +20,8 @@ from .._deps import available
 from ..core.progress import Progress
 from ..core.state import MixedPrecisionModel
 from ..errors import DfmpcError, MissingDependencyError, UsageError
+from ..zoo.evaluate import accuracy as torch_accuracy
+from . import ort, trt
 from .onnx_export import VARIANTS, export_variants
 
 __all__ = ["TARGETS", "TRT_VARIANTS", "ORT_VARIANTS", "run_targets", "torch_cuda_latency"]
@@ -62,9 +64,7 @@ def torch_cuda_latency(module: nn.Module, input_shape: tuple[int, int, int], bat
     Raises:
         DfmpcError: no CUDA device.
     """
-    from .trt import cuda_latency_ms, require_cuda
-
-    require_cuda("--target torch-cuda")
+    trt.require_cuda("--target torch-cuda")
     model = copy.deepcopy(module).eval().to("cuda", dtype)
     stream = torch.cuda.Stream()
     res = {}
@@ -80,7 +80,7 @@ def torch_cuda_latency(module: nn.Module, input_shape: tuple[int, int, int], bat
             with torch.cuda.graph(graph, stream=stream):
                 model(x)
             launch = graph.replay
-        res[str(bs)] = cuda_latency_ms(launch, stream, **timing)
+        res[str(bs)] = trt.cuda_latency_ms(launch, stream, **timing)
     return res
 
 
@@ -165,8 +165,6 @@ def run_targets(mp: MixedPrecisionModel, fp_model: nn.Module | None, input_shape
             rep["size_bytes"][f"onnx_{v}"] = e.size_bytes
             notes += [f"onnx_{v}: {n}" for n in e.notes if f"onnx_{v}: {n}" not in notes]
         if available("onnxruntime"):
-            from . import ort
-
             update = progress.task(f"ONNX Runtime parity ({len(x_par)} inputs)")
             for i, (v, e) in enumerate(exports.items()):
                 p = ort.parity(e.path, mp.module, x_par, threads)
@@ -204,7 +202,6 @@ def _ort_target(rep, mp, fp_model, exports, input_shape, dataset, batch_sizes, t
         rep["latency_ms"]["ort"] = "skipped: onnxruntime not installed"
         rep["notes"].append("ort: skipped, onnxruntime not installed (pip install 'dfmpc-deploy[ort]')")
         return
-    from . import ort
 
     update = progress.task(f"ONNX Runtime latency ({', '.join(ORT_VARIANTS)}; batch "
                            f"{', '.join(map(str, batch_sizes))})")
@@ -218,7 +215,6 @@ def _ort_target(rep, mp, fp_model, exports, input_shape, dataset, batch_sizes, t
                         f"'w8a8' (TensorRT Q/DQ form) runs as DQ + float conv on ORT, 'w8a8_ort' fuses to QLinearConv")
     if dataset is None:
         return
-    from ..zoo.evaluate import accuracy as torch_accuracy
 
     graph = mp.analysis().graph  # the architecture's one trace also serves the FP32 model
     if "torch_fp32" in known:  # the caller has evaluated these on the same images already
@@ -236,8 +232,6 @@ def _ort_target(rep, mp, fp_model, exports, input_shape, dataset, batch_sizes, t
 
 def _trt_target(rep, mp, exports, input_shape, x_par, batch_sizes, out_dir, strip_weights,
                 progress: Progress) -> None:
-    from . import trt
-
     name = trt.backend_name()
     if name is None:
         rep["engine"] = "skipped: tensorrt/tensorrt_rtx not installed"

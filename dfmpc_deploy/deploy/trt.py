@@ -37,6 +37,7 @@ import numpy as np
 from .._deps import available, require
 from ..errors import DfmpcError, MissingDependencyError
 from ..io.atomic import atomic_write_bytes
+from .ort import percentiles_ms
 
 __all__ = ["EngineArtifact", "backend", "backend_name", "build_engine", "TrtRunner", "cuda_latency_ms",
            "require_cuda"]
@@ -258,8 +259,6 @@ def cuda_latency_ms(launch: Callable[[], object], stream=None, warmup_ms: float 
         ``{"p50", "p90", "p99", "mean", "iters"}`` in milliseconds of GPU time per launch.
     """
     import torch
-
-    from .ort import percentiles_ms
 
     require_cuda("CUDA timing")
     stream = stream or torch.cuda.current_stream()

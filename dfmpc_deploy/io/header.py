@@ -33,6 +33,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .. import __version__
 from ..core.config import InputSpec
 from ..errors import BadFileError
 from .layouts import COMPRESSED_LAYOUTS, DEFLATE_MAX_RATIO, MAX_ELEMENTS, CodeLayout, layout_nbytes, layouts_for_bits
@@ -323,7 +324,6 @@ def parse_preamble(head: bytes, file_size: int, source: str) -> int:
     magic, version, flags, n = PREAMBLE.unpack(head[:PREAMBLE_BYTES])
     if magic != MAGIC:
         if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (16 << 20):
-            from .. import __version__
             raise BadFileError(f"{source} is a version-1 .dfmpc file; this dfmpc-deploy ({__version__}) reads "
                                f"format versions {' and '.join(map(str, READ_VERSIONS))} only: re-pack the model "
                                f"with it")

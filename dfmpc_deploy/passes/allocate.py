@@ -37,6 +37,7 @@ from ..core.options import option, positive_float
 from ..core.quantizers import dequantize, quantize_weight
 from ..core.state import MixedPrecisionModel
 from ..errors import DfmpcError, UsageError
+from ..io.container import code_nbytes, packed_nbytes
 from .base import Context, Pass, register_pass
 from .quantize import requantize_, set_weights_
 
@@ -252,8 +253,6 @@ class Allocate(Pass):
             raise UsageError(f"allocate: default_budget {self.default_budget!r} must be 'none' or 'fixed-pairing'")
 
     def apply(self, ctx: Context) -> dict:
-        from ..io.container import code_nbytes, packed_nbytes
-
         def probe() -> MixedPrecisionModel:
             return MixedPrecisionModel(ctx.model, ctx.layers, ctx.arch, None, ctx.estimator)
 

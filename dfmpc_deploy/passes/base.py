@@ -28,9 +28,11 @@ from ..core.config import BitsSpec
 from ..core.graph import GraphAnalysis
 from ..core.options import flag_of
 from ..core.state import MixedPrecisionModel, QuantLayer
+from ..core.stats import bn_status
+from ..core.validate import check_weights
 from ..errors import DfmpcError, UsageError
 
-__all__ = ["Pass", "Context", "PassRecord", "RecipeRun", "Recipe", "run_recipe", "json_value"]
+__all__ = ["Pass", "Context", "PassRecord", "RecipeRun", "Recipe", "run_recipe", "json_value", "register_recipes"]
 
 log = logging.getLogger("dfmpc_deploy")
 
@@ -226,6 +228,16 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
+#: name -> Recipe: where a recipe's ``without_statistics`` fallback is found. passes/recipes.py registers the named
+#: methods; the table imports every pass, and every pass imports this module, so this module cannot import it.
+_RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipes(recipes: Mapping[str, Recipe]) -> None:
+    """Make ``recipes`` (name -> Recipe) the recipes a ``without_statistics`` fallback may name."""
+    _RECIPES.update(recipes)
+
+
 def _flag(field_name: str) -> str:
     for cls in PASS_CLASSES:
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -261,8 +273,10 @@ def _for_statistics(recipe: Recipe, status: str) -> tuple[Recipe, str | None]:
                          f"layers carry none ({status}: BN folded into the convolutions before publication?); use "
                          f"--method dfmpc (runs as dfmpc-weights), dfmpc-weights, dfq, dfmpc-paper or rtn, which work "
                          f"from the weights alone")
-    from .recipes import get_recipe
-    alt = get_recipe(recipe.without_statistics)
+    alt = _RECIPES.get(recipe.without_statistics)
+    if alt is None:
+        raise DfmpcError(f"recipe {recipe.name}: its fallback without statistics, '{recipe.without_statistics}', is "
+                         f"not a registered recipe (register_recipes; registered: {', '.join(_RECIPES) or 'none'})")
     return alt, (f"this model's BN layers carry no statistics ({status}), so {recipe.name} runs as {alt.name} "
                  f"({alt.description})")
 
@@ -289,8 +303,6 @@ def run_recipe(recipe: Recipe, model: nn.Module, input_shape: tuple[int, int, in
     Returns:
         The compensated model; ``config`` is the :class:`RecipeRun`, ``graph`` the analysis.
     """
-    from ..core.stats import bn_status
-    from ..core.validate import check_weights
 
     settings = dict(settings or {})
     validate_settings(settings)

@@ -36,8 +36,9 @@ from torch import nn
 from ..core.graph import GraphAnalysis
 from ..core.state import MixedPrecisionModel
 from ..errors import DfmpcError
+from ..io.container import packed_nbytes
 from .allocate import Allocate
-from .base import PASS_CLASSES, PassSpec, Recipe, RecipeRun, run_recipe
+from .base import PASS_CLASSES, PassSpec, Recipe, RecipeRun, register_recipes, run_recipe
 from .calibrate import Calibrate
 from .equalize import BiasCorrect, Equalize, cle_blocked_links
 from .finetune import Finetune
@@ -91,6 +92,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            ((EqualizeForGrid, {}), (Quantize, {}), (FitWeights, {"fit_c": False}), (CorrectBias, {})),
            adapt=_grids_for_equalisation),
 )}
+register_recipes(RECIPES)  # run_recipe finds a recipe's without_statistics fallback there
 
 
 def get_recipe(name: str) -> Recipe:
@@ -134,5 +136,4 @@ def compensate(model: nn.Module, input_shape: tuple[int, int, int], recipe: str 
 
 def fixed_pairing_bytes(model: nn.Module, bits: Any, arch: str | None = None) -> int:
     """Packed size of ``model`` under the fixed low/high pairing at ``bits`` (round-to-nearest: the same size)."""
-    from ..io.container import packed_nbytes
     return packed_nbytes(compensate(model, (1, 1, 1), "rtn", arch=arch, bits=bits))

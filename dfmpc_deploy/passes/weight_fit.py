@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from calib_free.ranges import estimate_act_ranges
+
 from ..core.options import option
 from ..core.state import QuantLayer
 from ..core.threads import one_thread
@@ -213,8 +215,6 @@ class CorrectBias(Pass):
             return self._correct(ctx)
 
     def _correct(self, ctx: Context) -> dict:
-        from calib_free.ranges import estimate_act_ranges
-
         fp_mods, q_mods = dict(ctx.fp_model.named_modules()), dict(ctx.model.named_modules())
         moments = estimate_act_ranges(ctx.fp_model, graph=ctx.graph.graph, statistics="propagate",
                                       coherent=self.windows == "coherent")

@@ -21,6 +21,7 @@ Field kinds (see :func:`req`, :func:`opt`):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import re
@@ -272,6 +273,10 @@ class Section:
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready dict (omittable fields left out when None)."""
         return self._encode()
+
+    def to_json(self) -> str:
+        """The file's text: ``to_dict()``, 2-space indent, trailing newline, no NaN or infinity."""
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     def _encode(self) -> dict[str, Any]:
         out = {}

@@ -7,7 +7,6 @@ those of the build's report.json, so the same checks read both.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -98,7 +97,7 @@ class ExportReport(Section):
 
 def export_report_json(report: ExportReport) -> str:
     """The report's JSON text: 2-space indent, trailing newline, no NaN or infinity."""
-    return json.dumps(report.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return report.to_json()
 
 
 def write_export_report(out_dir: str | os.PathLike, report: ExportReport) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import DfmpcError
 from ..io.atomic import atomic_write_text
+from . import html, markdown
 from .model import Report, ReportError
 
 __all__ = ["write_report", "read_report", "report_json"]
@@ -14,7 +15,7 @@ __all__ = ["write_report", "read_report", "report_json"]
 
 def report_json(report: Report) -> str:
     """report.json's text: ``report.to_dict()``, 2-space indent, trailing newline, no NaN or infinity."""
-    return json.dumps(report.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return report.to_json()
 
 
 def write_report(out_dir: str | os.PathLike, report: Report) -> None:
@@ -31,16 +32,13 @@ def write_report(out_dir: str | os.PathLike, report: Report) -> None:
         TypeError: ``report`` is not a :class:`Report`.
         DfmpcError: ``out_dir`` is not a directory, or a file cannot be written (permissions, full disk).
     """
-    from .html import render_html
-    from .markdown import render_markdown
-
     if not isinstance(report, Report):
         raise TypeError(f"write_report: expected a Report, got {type(report).__name__}")
     out = Path(out_dir)
     if not out.is_dir():
         raise DfmpcError(f"cannot write the report: '{out}' is not a directory")
-    texts = {"report.json": report_json(report), "report.md": render_markdown(report),
-             "report.html": render_html(report)}
+    texts = {"report.json": report_json(report), "report.md": markdown.render_markdown(report),
+             "report.html": html.render_html(report)}
     for name, text in texts.items():
         atomic_write_text(out / name, text)
 

@@ -1,11 +1,15 @@
 """Format-1 reports (the untyped dict of dfmpc-deploy <= 0.1) read into a typed :class:`Report`.
 
+Why this module is kept: nothing in the package calls it any more (build writes format 2 since 0.2), but
+report.json files written by dfmpc-deploy <= 0.1 exist outside this repository, :func:`read_report` refuses them
+with a hint naming :func:`report_from_v1` (report/model.py), and this converter is the only way to read one with
+this version (``dfmpc_deploy.report.report_from_v1``, public). It goes when format 1 is no longer supported: delete
+it with its export in ``report/__init__.py``, that hint and tests/report/test_legacy.py.
+
 Format 1 did not record the runtime, the BN-statistics source, the synthesis details or the layer pairs: the
 converted report leaves those sections out (they are optional for exactly this reason) and says so in its notes.
 Its flat ``config``, ``diagnostics``, ``estimator`` and the passes' inner timings become one recipe pass named after
 the method.
-
-Also used while build.py still hands :func:`dfmpc_deploy.report.markdown.write_report` a format-1 dict.
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ def report_from_v1(rep: Mapping[str, Any]) -> Report:
     Raises:
         ReportError: not a format-1 report, or a section that does not fit its format-2 type (one line).
     """
-    from ..passes.recipes import RECIPES
+    from ..passes.recipes import RECIPES  # lazy: recipes import torch, and the report package reads without it
 
     if not isinstance(rep, Mapping):
         raise ReportError(f"report: expected a JSON object, got {type(rep).__name__}")

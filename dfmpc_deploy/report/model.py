@@ -106,7 +106,7 @@ class Bits(Section):
             low, high: the bit widths (the quantize pass's ``bits``).
             mixed: True for a per-layer allocation.
         """
-        from ..io.layouts import code_nbytes
+        from ..io.layouts import code_nbytes  # lazy: io.layouts imports torch, and the report reads without it
 
         rows = list(rows)
         n = sum(r.params for r in rows)

@@ -18,6 +18,8 @@ import math
 from importlib import resources
 from typing import Any
 
+from .._deps import require
+from ..io.atomic import atomic_write_text
 from ._codec import type_schema
 from .model import FORMAT_VERSION, Report, ReportError
 
@@ -56,8 +58,6 @@ def validate_report_json(obj: Any, schema: dict[str, Any] | None = None) -> None
         ReportError: the first violation, one line with its JSON path.
         MissingDependencyError: jsonschema is not installed.
     """
-    from .._deps import require
-
     jsonschema = require("jsonschema", "test")
     base = jsonschema.Draft202012Validator
     finite = base.TYPE_CHECKER.redefine(
@@ -81,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         same = path.is_file() and path.read_text(encoding="utf-8") == text
         print(f"{path}: {'up to date' if same else 'OUT OF DATE (run python -m dfmpc_deploy.report)'}")
         return 0 if same else 1
-    from ..io.atomic import atomic_write_text
-
     atomic_write_text(str(path), text)
     print(f"wrote {path}")
     return 0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DfmpcError
+from .grid import build_config
 
 if TYPE_CHECKING:
     from ..report import Report
@@ -78,8 +79,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         ``{"ok": True, "top1": ..., "size_bytes": ..., "seconds": ..., ...}`` (see
         :func:`outcome_from_report`) or ``{"ok": False, "error": one line, "detail": traceback or None, ...}``.
     """
-    from ..build import run_build
-    from .grid import build_config
+    from ..build import run_build  # lazy: build imports torch; the sweep package (grids, store, pages) does not
 
     t0 = time.perf_counter()
     try:

@@ -6,6 +6,15 @@ import json
 import sys
 from pathlib import Path
 
+from .._deps import require
+from ..core.options import positive_int
+from ..core.progress import Progress
+from ..errors import UsageError
+from ..io.outdir import interrupt_status
+from .engines import make_engine
+from .grid import load_grid
+from .run import cell_rows, run_sweep
+
 __all__ = ["add_parser"]
 
 _EXAMPLE = """example (grid.toml):
@@ -29,7 +38,6 @@ _EXAMPLE = """example (grid.toml):
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     """Register the ``sweep`` subcommand on ``sub`` (argparse subparsers), with the shared options ``common``."""
-    from ..core.options import positive_int
 
     p = sub.add_parser("sweep", parents=[common], help="run a grid of builds (models x flags), resumable, locally or "
                                                        "on Ray; results in one SQLite store and a Pareto page",
@@ -59,9 +67,6 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def _list(args) -> int:
-    from .grid import load_grid
-    from .run import cell_rows
-
     grid = load_grid(args.grid)
     rows = cell_rows(grid, args.out)
     from ..io.files import emit
@@ -87,13 +92,6 @@ def _list(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from ..core.progress import Progress
-    from ..errors import UsageError
-    from ..io.outdir import interrupt_status
-    from .engines import make_engine
-    from .grid import load_grid
-    from .run import run_sweep
-
     if args.address and args.engine != "ray":
         raise UsageError("--address joins a Ray cluster: use it with --engine ray")
     if args.list:
@@ -101,7 +99,6 @@ def _cmd_sweep(args) -> int:
     grid = load_grid(args.grid)
     engine = make_engine(args.engine, args.address, args.max_parallel)
     if args.engine == "ray":
-        from .._deps import require
         require("ray", "sweep")  # before any cell is planned, not after the store is opened
 
     def say(msg: str) -> None:

@@ -33,6 +33,7 @@ from multiprocessing.connection import wait as wait_any
 from pathlib import Path
 from typing import Any, Protocol
 
+from .._deps import require
 from ..errors import DfmpcError
 from .cell import CellTask, failed_outcome, one_line, run_cell
 
@@ -224,8 +225,6 @@ class RayEngine:
 
     def start(self, cpus_per_cell: int) -> int:
         import logging
-
-        from .._deps import require
 
         ray = self._ray = require("ray", "sweep")  # set first: close() shuts down whatever init started
         t = time.perf_counter()

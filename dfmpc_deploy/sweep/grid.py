@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.options import flag_of, options_of, split_values
 from ..errors import DfmpcError, UsageError
 
 __all__ = ["Cell", "Grid", "GridError", "load_grid", "parse_grid", "parse_value", "cell_id", "build_config",
@@ -126,9 +127,8 @@ def cell_id(settings: Mapping[str, Any]) -> str:
 def flag_fields() -> dict[str, tuple[dataclasses.Field, bool]]:
     """``{key: (field, is a BuildConfig field)}`` for every ``build`` flag; key = flag without dashes, ``_`` for
     ``-`` (the pass fields come from the same registry the CLI reads)."""
-    from ..build import BuildConfig
-    from ..core.options import flag_of, options_of
-    from ..passes.recipes import PASS_CLASSES
+    from ..build import BuildConfig  # lazy: build imports torch; the sweep package (grids, store, pages) does not
+    from ..passes.recipes import PASS_CLASSES  # lazy: as build (the passes import torch)
 
     table: dict[str, tuple[dataclasses.Field, bool]] = {}
     classes: list[type] = [BuildConfig, *PASS_CLASSES]
@@ -196,7 +196,6 @@ def parse_value(key: str, value: Any, where: str = "grid") -> tuple[str, Any]:
         raise _bad(where, key, value, f"expected {shape}")
     try:
         if m["nargs"]:
-            from ..core.options import split_values
             return f.name, tuple(_parse_text(f, t) for t in split_values([str(v) for v in items], key))
         return f.name, _parse_text(f, str(value))
     except (ValueError, UsageError) as err:
@@ -214,7 +213,7 @@ def build_config(settings: Mapping[str, Any], out: str | os.PathLike, threads: i
     Raises:
         UsageError, DfmpcError: as ``build`` would for the same flags.
     """
-    from ..build import BuildConfig
+    from ..build import BuildConfig  # lazy: build imports torch; the sweep package (grids, store, pages) does not
 
     fields = flag_fields()
     given: dict[str, Any] = {}

@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DfmpcError
+from ..io.atomic import atomic_write_json, atomic_write_text
+from ..io.outdir import locked_dir
 from .cell import CellTask
 from .engines import Engine
 from .grid import Cell, Grid
+from .html import render_sweep_html
 from .store import Row, Store
 
 __all__ = ["run_sweep", "SweepResult", "write_pages", "cell_rows", "STORE_NAME"]
@@ -87,8 +90,6 @@ def _prepare(out: Path) -> None:
 
 def write_pages(out: Path, store: Store, engine: str) -> list[Row]:
     """Write ``out/sweep.json`` and ``out/sweep.html`` (atomically) from the store; return its rows."""
-    from ..io.atomic import atomic_write_json, atomic_write_text
-    from .html import render_sweep_html
 
     rows = store.rows()
     atomic_write_json(out / "sweep.json", {"engine": engine, "cells": [r.to_json() for r in rows]})
@@ -124,7 +125,6 @@ def run_sweep(grid: Grid, out: str | os.PathLike, engine: Engine, progress=None,
         DfmpcError: ``out`` cannot be used or is locked by another run.
         KeyboardInterrupt: after a clean stop (see the module docstring).
     """
-    from ..io.outdir import locked_dir
 
     say = say or (lambda m: log.warning("%s", m))
     out = Path(out)

@@ -13,13 +13,14 @@ import signal
 import sys
 from multiprocessing.connection import Connection
 
+from ..io.outdir import terminate_as_interrupt
+from .cell import run_cell
+
 __all__ = ["serve"]
 
 
 def serve(conn: Connection) -> None:
     """Run the cells sent over ``conn`` until None, end of file, or SIGTERM."""
-    from ..io.outdir import terminate_as_interrupt
-    from .cell import run_cell
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with terminate_as_interrupt(("SIGTERM",)):

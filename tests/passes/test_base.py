@@ -6,10 +6,11 @@ import torch
 
 from dfmpc_deploy.build import BuildConfig
 from dfmpc_deploy.core.options import flag_of, options_of
-from dfmpc_deploy.errors import UsageError
-from dfmpc_deploy.passes.base import PASS_CLASSES, Recipe, validate_settings
+from dfmpc_deploy.errors import DfmpcError, UsageError
+from dfmpc_deploy.passes.base import PASS_CLASSES, Recipe, run_recipe, validate_settings
 from dfmpc_deploy.passes.recipes import RECIPES, compensate
 from tests.conftest import make_tiny_net
+from tests.passes.test_calibrate import SHAPE, _folded
 
 
 def test_a_field_shared_by_passes_declares_one_flag_and_one_default():
@@ -76,3 +77,14 @@ def test_result_lives_on_the_cpu_and_the_passes_leave_the_caller_model_alone():
     assert all(p.device.type == "cpu" for p in mp.module.parameters())
     assert mp.graph is not None and [(p.low, p.high) for p in mp.graph.pairs] == [("conv1", "conv2")]
     assert not any(m.training for m in net.modules()) and torch.is_grad_enabled() is not False
+
+
+def test_a_fallback_recipe_is_found_in_the_registry_and_an_unknown_one_is_one_line():
+    """base does not import recipes (tests/test_imports.py): the fallback comes from what recipes.py registered."""
+    net = _folded(make_tiny_net())
+    fallback = dataclasses.replace(RECIPES["rtn"], name="mine", without_statistics="dfmpc-paper")
+    assert run_recipe(fallback, net, SHAPE).config.recipe == "dfmpc-paper"  # registered by passes/recipes.py
+    missing = dataclasses.replace(fallback, without_statistics="no-such-recipe")
+    with pytest.raises(DfmpcError, match="'no-such-recipe', is not a registered recipe"):
+        run_recipe(missing, net, SHAPE)
+    assert run_recipe(missing, make_tiny_net(), SHAPE).config.recipe == "mine"  # real statistics: no fallback
