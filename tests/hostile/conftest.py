@@ -3,6 +3,10 @@ import signal
 
 import pytest
 
+from dfmpc_deploy.io.container import save_packed
+from dfmpc_deploy.passes.recipes import compensate
+from tests.io.helpers import quick_config, variant_net
+
 
 @pytest.fixture
 def deadline():
@@ -22,3 +26,12 @@ def one_line(err: pytest.ExceptionInfo) -> str:
     msg = str(err.value)
     assert "\n" not in msg and "Traceback" not in msg, msg
     return msg
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """A valid packed file of a tiny model (one per test module)."""
+    mp = compensate(variant_net("relu6"), (3, 16, 16), **quick_config(), arch="tiny")
+    path = tmp_path_factory.mktemp("good") / "m.dfmpc"
+    save_packed(mp, path)
+    return path

@@ -25,17 +25,16 @@ import torch
 
 from dfmpc_deploy.cli import main
 from dfmpc_deploy.errors import BadFileError, DfmpcError
-from dfmpc_deploy.io.container import inspect_packed, save_packed
+from dfmpc_deploy.io.container import inspect_packed
 from dfmpc_deploy.io.files import read_regular_file, sniff
 from dfmpc_deploy.io.header import TensorRecord, encode_header
-from dfmpc_deploy.passes.recipes import compensate
 from dfmpc_deploy.zoo.cifar_pickle import restricted_loads
 from dfmpc_deploy.zoo.data import load_dataset, parse_data_spec
 from dfmpc_deploy.zoo.images import IMAGE_FORMATS, decode_image
 from dfmpc_deploy.zoo.models import load_state_dict_file
 from tests.conftest import ROOT
 from tests.hostile.conftest import one_line
-from tests.io.helpers import quick_config, split, variant_net
+from tests.io.helpers import split
 
 pytestmark = pytest.mark.usefixtures("deadline")
 
@@ -213,14 +212,6 @@ def _sparse(path: Path, head: bytes, size: int) -> Path:
     with open(path, "wb") as fh:
         fh.write(head)
         fh.truncate(size)
-    return path
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    mp = compensate(variant_net("relu6"), (3, 16, 16), **quick_config(), arch="tiny")
-    path = tmp_path_factory.mktemp("good2") / "m.dfmpc"
-    save_packed(mp, path)
     return path
 
 

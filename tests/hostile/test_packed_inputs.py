@@ -30,14 +30,6 @@ READERS = {"load": lambda p: load_packed(p, model=variant_net("relu6")), "inspec
            "size report": lambda p: packed_size_report(None, p)}
 
 
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    mp = compensate(variant_net("relu6"), (3, 16, 16), **quick_config(), arch="tiny")
-    path = tmp_path_factory.mktemp("good") / "m.dfmpc"
-    save_packed(mp, path)
-    return path
-
-
 def _special_files(tmp_path) -> dict:
     fifo = tmp_path / "fifo.dfmpc"
     os.mkfifo(fifo)
