@@ -145,8 +145,7 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str = "file
 
 def sniff(head: bytes) -> str:
     """What a file is, from its first bytes (16 are enough): ``zip`` (a torch checkpoint), ``pickle`` (a legacy
-    torch file or another pickle), ``safetensors``, ``dfmpc`` (a packed model), ``onnx``-like protobufs are not told
-    apart: anything else is ``unknown``."""
+    torch file or another pickle), ``safetensors``, ``dfmpc`` (a packed model); anything else is ``unknown``."""
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return "zip"
     if head.startswith(b"DFMPC") or head.startswith(b"\x89DFMPC"):

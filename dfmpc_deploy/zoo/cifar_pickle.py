@@ -170,7 +170,7 @@ def _unwrap(obj, budget: _Budget, depth: int = 0):
     return obj
 
 
-class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+class RestrictedUnpickler(pickle._Unpickler):
     """An unpickler that resolves only the numpy globals of a plain numeric array (see the module docstring).
 
     It is the pure-Python unpickler: its memo is a dict, so a ``LONG_BINPUT`` index of 2^30 costs one entry (the C
