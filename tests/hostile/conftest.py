@@ -21,6 +21,12 @@ def deadline():
     signal.signal(signal.SIGALRM, old)
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that is sent SIGINT: a shell starts background jobs (``pytest ... &``) with SIGINT
+    ignored, and a child inherits that; the test is about the default disposition, so restore it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def one_line(err: pytest.ExceptionInfo) -> str:
     """The message of a raised error, asserted to be one line without a traceback."""
     msg = str(err.value)

@@ -33,7 +33,7 @@ from dfmpc_deploy.zoo.data import load_dataset, parse_data_spec
 from dfmpc_deploy.zoo.images import IMAGE_FORMATS, decode_image
 from dfmpc_deploy.zoo.models import load_state_dict_file
 from tests.conftest import ROOT
-from tests.hostile.conftest import one_line
+from tests.hostile.conftest import default_sigint, one_line
 from tests.io.helpers import split
 
 pytestmark = pytest.mark.usefixtures("deadline")
@@ -343,7 +343,7 @@ def test_ctrl_c_during_startup_exits_130_in_one_line(tmp_path):
     signal.alarm(0)
     p = subprocess.Popen([sys.executable, "-m", "dfmpc_deploy", "build", "resnet20_cifar10_optA", "--weights",
                           "random", "--out", str(tmp_path / "o")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=ROOT)
+                         text=True, cwd=ROOT, preexec_fn=default_sigint)
     time.sleep(1.5)  # python is up; torch is still importing (about 5 s)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=300)
