@@ -299,8 +299,8 @@ def _run(cfg: BuildConfig, tmp: Path, progress, warn, device) -> Report:
                                                           graph=g)
         else:
             rtn = base.run_recipe(get_recipe("rtn"), lm.module, input_shape,
-                             {k: v for k, v in cfg.settings.items() if k in ("bits", "per_channel")},
-                             arch=lm.arch, graph=graph)
+                                  {k: v for k, v in cfg.settings.items() if k in ("bits", "per_channel", "grid")},
+                                  arch=lm.arch, graph=graph)
             results["quantized_uncompensated"] = accuracy(rtn.module, data, graph=g,
                                                           progress=_task(progress, "eval uncompensated"))
             results[cfg.method] = accuracy(mp.module, data, progress=_task(progress, f"eval {cfg.method}"), graph=g)
@@ -387,7 +387,8 @@ def _report(cfg: BuildConfig, lm, mp, input_shape, mean, std, device, timings, n
         weights=lm.weights if lm.weights in ("random", "pretrained") else str(lm.weights),
         build=build_settings(cfg, lm.extra.get("sha256")),
         method=cfg.method,
-        bits=R.Bits.from_rows(rows, low=int(low), high=int(high), mixed=mixed),
+        bits=R.Bits.from_rows(rows, low=int(low), high=int(high), mixed=mixed,
+                              grid=quant.config.get("grid") if quant else None),
         recipe=R.Recipe(name=recipe.name, description=recipe.description, data_used=recipe.data_used,
                         fine_tuning=recipe.fine_tuning,
                         passes=tuple(R.PassRecord(name=p.name, config=p.config, seconds=p.seconds, info=p.info)

@@ -74,6 +74,8 @@ def settings_from_passes(recipe_name: str, passes: Sequence[PassRecord], where: 
                 raise DfmpcError(f"{where}: passes {owner[k]} and {rec.name} recorded different values of {k} "
                                  f"({settings[k]!r}, {v!r}); one setting cannot give both")
             settings[k], owner[k] = v, rec.name
+        if rec.name == "quantize" and "grid" not in rec.config:
+            settings["grid"], owner["grid"] = "dorefa", rec.name  # recorded before --grid existed: DoReFa only
     return settings
 
 

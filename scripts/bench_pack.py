@@ -64,14 +64,15 @@ def bench(name: str, weights: str, repeat: int, tmp: Path) -> dict:
     comp_s = time.perf_counter() - t
     n_weights = sum(q.numel for q in mp.layers.values())
     mb = 4 * n_weights / 1e6
-    pack_s, packed = _best(lambda: {f: encode_codes(q.codes, q.bits) for f, q in mp.layers.items()}, repeat)
-    unpack_s, _ = _best(lambda: [decode_codes(lay, mp.layers[f].bits, d, mp.layers[f].numel)
+    pack_s, packed = _best(lambda: {f: encode_codes(q.codes, q.bits, grid=q.grid) for f, q in mp.layers.items()},
+                           repeat)
+    unpack_s, _ = _best(lambda: [decode_codes(lay, mp.layers[f].bits, d, mp.layers[f].numel, mp.layers[f].grid)
                                  for f, (lay, d) in packed.items()], repeat)
 
     def to_fp32():
         return [QuantLayer(f, q.kind, q.role, q.bits,
-                           torch.from_numpy(decode_codes(lay, q.bits, d, q.numel)).reshape(q.codes.shape),
-                           q.scale, q.in_scale).weight()
+                           torch.from_numpy(decode_codes(lay, q.bits, d, q.numel, q.grid)).reshape(q.codes.shape),
+                           q.scale, q.in_scale, grid=q.grid).weight()
                 for f, (lay, d) in packed.items() for q in [mp.layers[f]]]
 
     dequant_s, _ = _best(to_fp32, repeat)

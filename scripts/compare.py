@@ -24,6 +24,7 @@ from cases import MODELS, SHARED
 
 from dfmpc_deploy.cli import main as cli_main
 from dfmpc_deploy.core.config import parse_bits
+from dfmpc_deploy.core.quantizers import DEFAULT_GRID, GRIDS
 from dfmpc_deploy.io.atomic import atomic_write_json
 from dfmpc_deploy.passes.recipes import RECIPES
 from dfmpc_deploy.report import read_report
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def grid_text(models: list[str], methods: list[str], bits: str, limit: int | None, seed: int, finetune_steps: int,
-              threads: int) -> str:
+              threads: int, grid: str = DEFAULT_GRID) -> str:
     """The sweep's grid file: one [[model]] table per model (real weights, the CIFAR-10 test set), the methods as
     the one axis, the rest shared."""
     lines = []
@@ -45,7 +46,7 @@ def grid_text(models: list[str], methods: list[str], bits: str, limit: int | Non
         if limit:
             lines.append(f"limit = {limit}")
     lines += ["[grid]", "method = [" + ", ".join(f'"{m}"' for m in methods) + "]",
-              "[build]", f'bits = "{bits}"', f"seed = {seed}", f"finetune_steps = {finetune_steps}",
+              "[build]", f'bits = "{bits}"', f'grid = "{grid}"', f"seed = {seed}", f"finetune_steps = {finetune_steps}",
               f"threads = {threads}"]
     return "\n".join(lines) + "\n"
 
@@ -55,6 +56,8 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--bits", default="2/6")
+    ap.add_argument("--grid", choices=GRIDS, default=DEFAULT_GRID,
+                    help="k-bit grid of every method ('dorefa': the paper's; use another --sweep-dir per grid)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on N evenly spaced images (default all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--finetune-steps", type=int, default=400,
@@ -74,7 +77,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         grid_file = Path(tmp) / "compare.toml"
         grid_file.write_text(grid_text(args.models, args.methods, str(bits), args.limit, args.seed,
-                                       args.finetune_steps, args.threads), encoding="utf-8")
+                                       args.finetune_steps, args.threads, args.grid), encoding="utf-8")
         argv = ["sweep", str(grid_file), "--out", str(sweep_dir), "--engine", args.engine]
         argv += ["--address", args.address] if args.address else []
         argv += ["--max-parallel", str(args.max_parallel)] if args.max_parallel else []
@@ -93,7 +96,7 @@ def main() -> int:
               "| wall time (s) |",
               "|---|---|---|---|---|---|---|---|---|"]
     table = list(header)
-    results: dict = {"bits": str(bits), "limit": args.limit, "images": n_label, "seed": args.seed,
+    results: dict = {"bits": str(bits), "grid": args.grid, "limit": args.limit, "images": n_label, "seed": args.seed,
                      "threads": args.threads, "torch": torch.__version__, "note": args.note, "engine": args.engine,
                      "sweep": str(sweep_dir), "models": {}}
     for key in args.models:

@@ -53,7 +53,7 @@ def test_export_onnx_files_equal_builds_byte_for_byte(built, tmp_path):
     for v in VARIANTS:
         assert (tmp_path / "e" / f"model_{v}.onnx").read_bytes() == (out / f"model_{v}.onnx").read_bytes(), v
     assert rep.input_source == "file" and rep.input_shape == (3, 32, 32) and rep.arch == R20
-    assert rep.packed_sha256 == file_sha256(out / "model.dfmpc") and rep.packed_format_version == 3
+    assert rep.packed_sha256 == file_sha256(out / "model.dfmpc") and rep.packed_format_version == 4
     assert rep.size_bytes.packed.packed == (out / "model.dfmpc").stat().st_size
     assert rep.size_bytes.onnx == {v: (out / f"model_{v}.onnx").stat().st_size for v in VARIANTS}
     assert all(rep.parity[f"onnx_{v}"].ok for v in ("fp32", "fp16", "wdq"))
@@ -96,7 +96,10 @@ def test_export_never_downloads(tmp_path, monkeypatch):
 
 
 def test_version_2_file_uses_the_registry_and_says_so(built, tmp_path):
-    out, _, _ = built
+    _, images, _ = built
+    out = tmp_path / "build"  # format 2 knows only DoReFa k-bit codes: a DoReFa build, written back as version 2
+    run_build(BuildConfig(model=R20, weights="random", targets=("onnx",), out=out, threads=1,
+                          data=f"imagefolder:{images}", settings={**FAST, "grid": "dorefa"}))
     h, payload = split((out / "model.dfmpc").read_bytes())
     (tmp_path / "v2.dfmpc").write_bytes(join(dataclasses.replace(h, version=2, input=None), payload))
     rep = run_export(ExportConfig(file=tmp_path / "v2.dfmpc", out=tmp_path / "e", threads=1))

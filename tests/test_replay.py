@@ -52,6 +52,19 @@ def test_tiny_model_is_rebuilt_bit_for_bit(capsys, tmp_path, method):
     assert again.build.options == first.build.options | {"threads": first.runtime.threads, "device": "cpu"}
 
 
+@pytest.mark.parametrize("grid", ["int", "dorefa"])
+def test_replay_records_and_rebuilds_the_grid(capsys, tmp_path, grid):
+    a = _build(capsys, tmp_path / "a", "--weights", "random", "--method", "rtn", "--bits", "3/6", "--grid", grid)
+    rep = read_report(a)
+    assert rep.recipe.passes[0].config["grid"] == grid and rep.bits.grid == grid
+    assert rep.bits.display() == f"3/6 {'int' if grid == 'int' else 'DoReFa'}"
+    assert config_from_report(a / "report.json")[0].settings["grid"] == grid
+    code, _, err = _run(capsys, "build", "--from-report", str(a / "report.json"), "--out", str(tmp_path / "b"), "-q")
+    assert code == 0, err
+    assert (tmp_path / "b" / "model.dfmpc").read_bytes() == (a / "model.dfmpc").read_bytes()
+    assert read_report(tmp_path / "b").bits.grid == grid
+
+
 @needs_shared
 @pytest.mark.slow
 def test_resnet20_real_weights_rebuilt_bit_for_bit_and_changed_weights_refused(capsys, tmp_path):
@@ -127,8 +140,13 @@ def test_settings_come_from_the_recorded_configs_not_pass_names():
                                                      "rounding_scope": "low", "grid_search": True, "max_k": 4608,
                                                      "hessian_rows": None}, seconds=0.1, info={}))
     settings = settings_from_passes("zeroq", passes)
-    assert settings == {"bits": "3/6", "per_channel": True, "synth_samples": 8, "synth_steps": None, "synth_lr": 0.25,
-                        "rounding_scope": "low", "grid_search": True, "max_k": 4608, "hessian_rows": None}
+    # a quantize pass recorded without a grid ran before --grid existed: on DoReFa, the only grid then
+    assert settings == {"bits": "3/6", "per_channel": True, "grid": "dorefa", "synth_samples": 8, "synth_steps": None,
+                        "synth_lr": 0.25, "rounding_scope": "low", "grid_search": True, "max_k": 4608,
+                        "hessian_rows": None}
+    recorded = (PassRecord(name="quantize", config={**passes[0].config, "grid": "int"}, seconds=0.1, info={}),
+                *passes[1:])
+    assert settings_from_passes("zeroq", recorded)["grid"] == "int"
     pinned_differently = (passes[0], passes[1], PassRecord(name="recalibrate", config={
         **passes[2].config, "rounding": "gptq"}, seconds=0.1, info={}))
     with pytest.raises(DfmpcError, match="ran with rounding='gptq' but recipe zeroq now pins 'nearest'"):

@@ -18,7 +18,7 @@ class WeightFormat(str, Enum):
     """How a layer's weights are stored. Serialises to readable JSON strings."""
 
     TERNARY = "ternary"  # TWN, Eqs. 3-4: codes in {-1, 0, +1}
-    UNIFORM = "uniform"  # DoReFa k-bit, Eq. 6: odd integer codes in [-(2^k-1), 2^k-1]
+    UNIFORM = "uniform"  # k-bit uniform: the int grid (zero level) or DoReFa (Eq. 6, odd codes); core.quantizers
     FLOAT = "float"
 
 
@@ -26,7 +26,8 @@ class WeightFormat(str, Enum):
 class BitsSpec:
     """A ``low/high`` bit-width pair: low-bit layers of each pair, high-bit for everything else.
 
-    2 means ternary (TWN, Eq. 3); 3..8 means DoReFa k-bit (Eq. 6), as in the paper (Sec. 5.2).
+    2 means ternary (TWN, Eq. 3); 3..8 means a k-bit grid: ``int`` (zero level) or the paper's DoReFa (Eq. 6,
+    Sec. 5.2), chosen by ``--grid`` (core.quantizers).
     """
 
     low: int

@@ -23,7 +23,8 @@ class QuantLayer:
         kind: ``conv`` or ``linear``.
         role: ``low`` | ``high-compensating`` | ``high``.
         bits: 2 (ternary) .. 8.
-        codes: integer codes, weight-shaped (int8 for ternary, int16 for DoReFa: odd values in [-(2^k-1), 2^k-1]).
+        codes: integer codes, weight-shaped (int8 for ternary; int16 for k-bit: on the ``int`` grid in
+            [-2^(k-1), 2^(k-1)-1], on the ``dorefa`` grid odd values in [-(2^k-1), 2^k-1]).
         scale: (out,) float32 per-output-channel scale; dequantised weight = codes * scale.
         in_scale: (in,) float32 compensation folded into the input channels (DF-MPC Eq. 7 / D6-ii), used when the
             activation between the pair is not positively homogeneous (ReLU6); None otherwise.
@@ -31,6 +32,8 @@ class QuantLayer:
             when the recipe asks for it, else reported only.
         c_folded: whether ``c`` was folded into the model (``c`` is then part of the BN or scales, not extra).
         partner: the other layer of the pair.
+        grid: the k-bit grid of the codes (``int`` or ``dorefa``, core.quantizers.GRIDS); also the grid the layer is
+            re-rounded on by later passes. Ternary layers (2 bits) are TWN whatever it says.
     """
 
     fqn: str
@@ -43,6 +46,7 @@ class QuantLayer:
     c: torch.Tensor | None = None
     partner: str | None = None
     c_folded: bool = False
+    grid: str = "dorefa"
 
     @property
     def fmt(self) -> WeightFormat:

@@ -10,9 +10,11 @@ integer codes. Variants:
 and output stay FP32 (a Cast at each end). ``wdq`` Each quantized Conv/Gemm weight is an INT8 initializer (the integer
 codes, sign-flipped per channel where the folded scale is negative) followed by ``DequantizeLinear`` with a
 per-output-channel FP32 scale, zero-point 0, ``axis=0`` (symmetric, the form TensorRT accepts). ``int4=True`` stores
-layers whose codes fit [-8, 7] (ternary, 3-bit) as INT4 (opset >= 21; wdq only, see :func:`export_onnx`). 8-bit DoReFa
-codes (odd integers up to +-255) do not fit INT8: those layers are requantised to symmetric per-channel INT8 and a
-note says so. A compensation ``in_scale`` (DF-MPC Eq. 7, only after non-homogeneous activations such as ReLU6) is a
+layers whose codes fit [-8, 7] (ternary, 3-bit, 4-bit ``int`` grid) as INT4 (opset >= 21; wdq only, see
+:func:`export_onnx`). Codes on the ``int`` grid are INT8 as they are (up to 8 bits, -128 included). 8-bit DoReFa codes
+(odd integers up to +-255) do not fit INT8, nor does an int code -128 in a channel whose folded scale is negative (it
+flips to +128): those channels are requantised to symmetric INT8 and a note says so.
+A compensation ``in_scale`` (DF-MPC Eq. 7, only after non-homogeneous activations such as ReLU6) is a
 ``Mul`` by a (1, C, 1, 1) constant on the activation in front of the layer, so the weight stays integer.
 ``w8a8``
     ``wdq`` plus a ``QuantizeLinear -> DequantizeLinear`` pair (per-tensor symmetric INT8, zero-point 0) on the input
@@ -157,12 +159,18 @@ def _int_weights(mp: MixedPrecisionModel, folded: nn.Module, factor: dict[str, t
         s = s.abs().float()
         in_scale = q.in_scale.float() if q.in_scale is not None else None
         w = codes.float() * s.reshape(per_out)  # the exact dequantised (BN-folded) weight, for fp32/fp16
-        if int(codes.abs().max()) > 127:
-            s = w.flatten(1).abs().amax(1) / 127
-            codes = torch.round(w / torch.where(s > 0, s, 1).reshape(per_out)).to(torch.int32)
+        flat = codes.flatten(1)
+        over = (flat > 127).any(1) | (flat < -128).any(1)  # INT8 holds [-128, 127]
+        if bool(over.any()):
+            s_new = w.flatten(1).abs().amax(1) / 127
+            requant = torch.round(w / torch.where(s_new > 0, s_new, 1).reshape(per_out)).to(torch.int32)
+            codes = torch.where(over.reshape(per_out), requant, codes)
+            s = torch.where(over, s_new, s)
             err = float((codes * s.reshape(per_out) - w).abs().max() / w.abs().max().clamp(min=1e-30))
-            notes.append(f"layer '{fqn}': {q.bits}-bit codes (odd integers up to +-{2 ** q.bits - 1}) do not fit INT8; "
-                         f"requantised to symmetric per-channel INT8 for the integer variants "
+            what = (f"{q.bits}-bit DoReFa codes (odd integers up to +-{2 ** q.bits - 1})" if q.grid == "dorefa"
+                    else "int codes of -128 in channels with a negative folded scale (+128 after the sign flip)")
+            notes.append(f"layer '{fqn}': {what} do not fit INT8; {int(over.sum())} of {len(over)} channels "
+                         f"requantised to symmetric INT8 for the integer variants "
                          f"(max change {100 * err:.2f}% of the largest weight)")
         s = torch.where((s > 0) & (codes.flatten(1).abs().amax(1) > 0), s, torch.ones_like(s))
         if in_scale is not None:
@@ -316,7 +324,8 @@ def export_onnx(mp: MixedPrecisionModel, path, input_shape: tuple[int, int, int]
         input_shape: (C, H, W); the batch dimension is symbolic.
         variant: ``fp32`` | ``fp16`` | ``wdq`` | ``w8a8`` | ``w8a8_ort`` (module docstring).
         opset: ONNX opset, 13..23 (default 17, read by ONNX Runtime and TensorRT(-RTX)); 21+ for ``int4``.
-        int4: in ``wdq``, store layers whose codes fit [-8, 7] (ternary, 3-bit) as INT4 (the w8a8 forms keep INT8:
+        int4: in ``wdq``, store layers whose codes fit [-8, 7] (ternary, 3-bit, 4-bit int) as INT4 (the w8a8 forms
+            keep INT8:
             TensorRT wants the weight and activation of a conv in the same integer type).
         ranges: ``(input ranges, output ranges)``, each ``{fqn: calib_free.ranges.ActRange}``, for the w8a8
             variants; default: estimated from the BN statistics (:mod:`calib_free.ranges`).

@@ -90,7 +90,7 @@ class Rewriter:
             cons = self.consumers(name)
             if not cons:
                 raise DfmpcError(f"layer '{fqn}': initializer '{name}' has no consumer in the exported graph")
-            self.weight_dq(fqn, name, axis, q, s, int4 and int(np.abs(q).max()) <= 7 and int(q.min()) >= -8)
+            self.weight_dq(fqn, name, axis, q, s, int4 and int(q.max()) <= 7 and int(q.min()) >= -8)
             uses += [(idx, fqn, s, ins) for idx in cons]
         for idx, fqn, s_w, ins in sorted(uses, key=lambda u: u[0]):  # graph order
             node = self.g.node[idx]

@@ -1,10 +1,10 @@
-"""The packed model file (``.dfmpc``, format version 2): write, read back bit-exactly, inspect.
+"""The packed model file (``.dfmpc``, format version 4; 2 and 3 are read too): write, read back bit-exactly, inspect.
 
 A ``.dfmpc`` file holds a model's integer codes bit-packed (``layouts.py``), its float32 scales and every other
 state-dict tensor unchanged, behind a compact binary header (``header.py``) with a SHA-256 per section; the bounded
 reader is ``reader.py``::
 
-    preamble (16 B: magic "\\x89DFMPC\\r\\n", version 2, flags, header length) | header | SHA-256 of both (32 B)
+    preamble (16 B: magic "\\x89DFMPC\\r\\n", version 4, flags, header length) | header | SHA-256 of both (32 B)
     | tensors section | scales section | codes section
 
 ``docs/FORMAT.md`` documents every byte, the limits, the memory bound and the versioning. Same model -> same bytes.
@@ -241,13 +241,13 @@ def _build(h: Header, payload: memoryview, module: nn.Module, model: nn.Module |
             check_tensor(r, state[r.name], f"{source}: ")
             continue
         try:
-            codes = torch.from_numpy(decode_codes(r.layout, r.bits, data, r.numel).reshape(r.shape))
+            codes = torch.from_numpy(decode_codes(r.layout, r.bits, data, r.numel, r.grid).reshape(r.shape))
         except ValueError as err:
             raise BadFileError(f"{source}: layer '{printable(r.fqn)}': {err}{REPACK}") from None
         check_layer(r, *layer_scales(r, sc, ins, expand=False), _all_zero(codes), f"{source}: ")  # as stored
         scale, in_scale = layer_scales(r, sc, ins)
         partner = None if r.partner is None else h.records[r.partner].name[: -len(".weight")]
-        q = QuantLayer(r.fqn, r.kind, r.role, r.bits, codes, scale, in_scale=in_scale, partner=partner)
+        q = QuantLayer(r.fqn, r.kind, r.role, r.bits, codes, scale, in_scale=in_scale, partner=partner, grid=r.grid)
         layers[r.fqn] = q
         state[r.name] = q.weight()
     if model is not None:  # the caller's model stays as it is
@@ -303,7 +303,7 @@ def _layer_status(r: LayerRecord, data: memoryview, sc: memoryview, ins: memoryv
     """None if the layer is valid, else why not; decodes its codes in bounded chunks."""
     try:
         nonzero = False
-        for c in iter_codes(r.layout, r.bits, data, r.numel):
+        for c in iter_codes(r.layout, r.bits, data, r.numel, grid=r.grid):
             nonzero = nonzero or bool(c.any())
         scale, in_scale = layer_scales(r, sc, ins, expand=False)  # no architecture here to bound the channel count
         check_layer(r, scale, in_scale, lambda: not nonzero, "")
@@ -339,7 +339,8 @@ def inspect_packed(path: str | os.PathLike) -> InspectResult:
     problems = [f"{name} section: checksum mismatch{REPACK}" for name in bad]
     lines = [f"{source}: .dfmpc v{h.version}, arch {printable(h.arch)}, estimator: {printable(h.estimator)}",
              f"input: {_input_text(h)}",
-             f"{'#':>4}  {'layer':<40} {'role':<17} {'bits':>4} {'layout':<21} {'shape':<16} {'weights':>10} "
+             f"{'#':>4}  {'layer':<40} {'role':<17} {'bits':>4} {'grid':<6} {'layout':<21} {'shape':<16} "
+             f"{'weights':>10} "
              f"{'bytes':>9} {'bits/w':>6}  status"]
     tensor_bad, row = 0, 0
     for r, data, sc, ins in walk(h, payload):
@@ -354,7 +355,8 @@ def inspect_packed(path: str | os.PathLike) -> InspectResult:
         if why is not None:
             problems.append(why)
         row += 1
-        lines.append(f"{row:>4}  {printable(r.fqn, 40):<40} {r.role:<17} {r.bits:>4} {r.layout.value:<21} "
+        grid = "-" if r.bits == 2 else r.grid
+        lines.append(f"{row:>4}  {printable(r.fqn, 40):<40} {r.role:<17} {r.bits:>4} {grid:<6} {r.layout.value:<21} "
                      f"{'x'.join(map(str, r.shape)):<16} {r.numel:>10,} {r.nbytes:>9,} "
                      f"{8 * r.nbytes / r.numel:>6.2f}  {'ok' if why is None else 'BAD'}")
     lines += [f"tensors: {len(h.tensors)} ({rep['float_tensors']:,} bytes), "

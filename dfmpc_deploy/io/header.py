@@ -1,12 +1,12 @@
-"""The header of a ``.dfmpc`` file, format version 3 (version 2 is read too): layout, limits, encoder and strict
-decoder (no torch).
+"""The header of a ``.dfmpc`` file, format version 4 (versions 2 and 3 are read too): layout, limits, encoder and
+strict decoder (no torch).
 
 ``docs/FORMAT.md`` documents every byte; in short (all integers little-endian)::
 
-    preamble  16 B   magic 89 44 46 4D 50 43 0D 0A ("\\x89DFMPC\\r\\n"), u16 version = 3, u16 flags = 0, u32 H
+    preamble  16 B   magic 89 44 46 4D 50 43 0D 0A ("\\x89DFMPC\\r\\n"), u16 version = 4, u16 flags = 0, u32 H
     header     H B   fixed part (128 B): u64 x3 section lengths, 3 x 32-byte SHA-256 of the sections, u32 record
                      count R, u16 arch length A, u16 estimator length E; then arch (A B UTF-8), estimator (E B UTF-8),
-                     the input block (version 3 only: u8 0 = not recorded, or u8 1 + u16 C, H, W + f64 x 3 mean
+                     the input block (version 3 and 4: u8 0 = not recorded, or u8 1 + u16 C, H, W + f64 x 3 mean
                      + f64 x 3 std + u16 resize, 0 = none), then R records, one per entry of the architecture's
                      ``state_dict()``, in its order
     digest    32 B   SHA-256 of preamble + header
@@ -18,7 +18,8 @@ length, suffix bytes; keys are at most 255 bytes of UTF-8), then a u8 tag:
 * tag 0, a tensor stored as is: u8 dtype code, u8 ndim (0..8), u32 x ndim dims. Its raw little-endian bytes go to
   the tensors section.
 * tag 1 (conv) / 2 (linear), a quantized weight: u8 bits (2..8), u8 layout code, u8 role code, u8 flags (bit 0:
-  in_scale present, bit 1: scale stored once, bit 2: in_scale stored once), u32 partner record index (0xFFFFFFFF:
+  in_scale present, bit 1: scale stored once, bit 2: in_scale stored once, bit 3 (version 4): k-bit codes on the
+  ``int`` grid, else DoReFa), u32 partner record index (0xFFFFFFFF:
   none), u8 ndim (1..8), u32 x ndim dims, and for the deflate layouts a u32 payload length. Its float32 scale (out
   values, or 1 if stored once) then in_scale (in values, or 1) go to the scales section, its codes to the codes section.
 
@@ -45,9 +46,9 @@ __all__ = ["MAGIC", "FORMAT_VERSION", "READ_VERSIONS", "PREAMBLE_BYTES", "DIGEST
            "input_nbytes"]
 
 MAGIC = b"\x89DFMPC\r\n"
-FORMAT_VERSION = 3
-#: versions this reader accepts (2: no input block)
-READ_VERSIONS = (2, 3)
+FORMAT_VERSION = 4
+#: versions this reader accepts (2: no input block; 2 and 3: no grid flag, every k-bit layer is DoReFa)
+READ_VERSIONS = (2, 3, 4)
 PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header length H
 PREAMBLE_BYTES = PREAMBLE.size  # 16
 DIGEST_BYTES = 32
@@ -74,7 +75,7 @@ ROLE_CODES = {0: "low", 1: "high-compensating", 2: "high"}
 _ROLE_IDS = {v: k for k, v in ROLE_CODES.items()}
 KINDS = {1: "conv", 2: "linear"}
 _KIND_TAGS = {v: k for k, v in KINDS.items()}
-_FLAG_IN_SCALE, _FLAG_SCALE_ONCE, _FLAG_IN_SCALE_ONCE = 1, 2, 4
+_FLAG_IN_SCALE, _FLAG_SCALE_ONCE, _FLAG_IN_SCALE_ONCE, _FLAG_INT_GRID = 1, 2, 4, 8
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class LayerRecord:
     scale_once: bool
     in_scale_once: bool
     nbytes: int  # code payload bytes
+    grid: str = "dorefa"  # k-bit codes: "int" (flag bit 3, version 4) or "dorefa"; ternary layers: "dorefa"
 
     @property
     def fqn(self) -> str:
@@ -134,7 +136,7 @@ class Header:
     estimator: str
     records: tuple[Record, ...]
     digests: tuple[bytes, bytes, bytes] = field(default=(bytes(32),) * 3)
-    input: InputSpec | None = None  # recorded input shape and normalisation (version 3)
+    input: InputSpec | None = None  # recorded input shape and normalisation (versions 3 and 4)
     version: int = FORMAT_VERSION
 
     @property
@@ -185,7 +187,7 @@ def record_nbytes(record: Record, previous_name: str = "") -> int:
 
 
 def input_nbytes(spec: InputSpec | None, version: int = FORMAT_VERSION) -> int:
-    """Bytes of the input block: none in version 2; 1 (not recorded) or 1 + 56 in version 3."""
+    """Bytes of the input block: none in version 2; 1 (not recorded) or 1 + 56 from version 3 on."""
     return 0 if version < 3 else 1 + (INPUT.size if spec is not None else 0)
 
 
@@ -264,7 +266,7 @@ def encode_header(h: Header, spans: list | None = None) -> bytes:
             out.put("<B", _LAYOUT_IDS[CodeLayout(r.layout)], f"r{i}.layout")
             out.put("<B", _ROLE_IDS[r.role], f"r{i}.role")
             flags = (_FLAG_IN_SCALE * r.in_scale) | (_FLAG_SCALE_ONCE * r.scale_once) \
-                | (_FLAG_IN_SCALE_ONCE * r.in_scale_once)
+                | (_FLAG_IN_SCALE_ONCE * r.in_scale_once) | (_FLAG_INT_GRID * (r.grid == "int"))
             out.put("<B", flags, f"r{i}.flags")
             out.put("<I", NO_PARTNER if r.partner is None else r.partner, f"r{i}.partner")
         out.put("<B", len(r.shape), f"r{i}.ndim")
@@ -325,13 +327,13 @@ def parse_preamble(head: bytes, file_size: int, source: str) -> int:
     if magic != MAGIC:
         if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (16 << 20):
             raise BadFileError(f"{source} is a version-1 .dfmpc file; this dfmpc-deploy ({__version__}) reads "
-                               f"format versions {' and '.join(map(str, READ_VERSIONS))} only: re-pack the model "
+                               f"format versions {', '.join(map(str, READ_VERSIONS))} only: re-pack the model "
                                f"with it")
         raise BadFileError(f"{source}: not a .dfmpc file (it starts with {head[:8].hex(' ')}, not "
                            f"{MAGIC.hex(' ')})")
     if version not in READ_VERSIONS:
         raise BadFileError(f"{source}: format version {version}; this dfmpc-deploy reads versions "
-                           f"{' and '.join(map(str, READ_VERSIONS))} "
+                           f"{', '.join(map(str, READ_VERSIONS))} "
                            f"({'upgrade dfmpc-deploy' if version > FORMAT_VERSION else 're-pack the model'})")
     if flags:
         raise BadFileError(f"{source}: unknown flags 0x{flags:04x} in the preamble (corrupt, or a newer writer)")
@@ -434,7 +436,9 @@ def parse_header(blob: bytes, file_size: int, source: str) -> Header:
             raise fail(f"layer '{printable(name)}': layout code {lay} cannot hold {bits}-bit codes")
         if role not in ROLE_CODES:
             raise fail(f"layer '{printable(name)}': unknown role code {role}")
-        if flags & ~7 or (flags & _FLAG_IN_SCALE_ONCE and not flags & _FLAG_IN_SCALE):
+        known = 15 if version >= 4 else 7
+        if flags & ~known or (flags & _FLAG_IN_SCALE_ONCE and not flags & _FLAG_IN_SCALE) or (
+                flags & _FLAG_INT_GRID and bits == 2):
             raise fail(f"layer '{printable(name)}': bad flags 0x{flags:02x}")
         if not name.endswith(".weight") or len(name) == len(".weight"):
             raise fail(f"layer '{printable(name)}': a quantized layer's key must be '<module>.weight'")
@@ -458,7 +462,8 @@ def parse_header(blob: bytes, file_size: int, source: str) -> Header:
             nb = layout_nbytes(layout, bits, numel)
         records.append(LayerRecord(name, kind, bits, layout, ROLE_CODES[role], shape,
                                    None if partner == NO_PARTNER else partner, bool(flags & _FLAG_IN_SCALE),
-                                   bool(flags & _FLAG_SCALE_ONCE), bool(flags & _FLAG_IN_SCALE_ONCE), nb))
+                                   bool(flags & _FLAG_SCALE_ONCE), bool(flags & _FLAG_IN_SCALE_ONCE), nb,
+                                   "int" if flags & _FLAG_INT_GRID else "dorefa"))
     if src.pos != len(src.buf):
         raise fail(f"{len(src.buf) - src.pos} unexpected bytes at the end of the header")
     for r in records:

@@ -8,10 +8,13 @@ with zeros (a reader rejects non-zero padding). Codes are flattened in C order.
   -> t = [2, 0, 1, 1, 2 | 0, 2] -> ``b0 = 2 + 0 + 9 + 27 + 162 = 200 (0xC8)``, ``b1 = 0 + 3*2 = 6 (0x06)``.
 * ``ternary-2bit`` (2 bits/weight): t = c + 1 in bits ``2(i%4) .. 2(i%4)+1`` of byte ``i//4`` (t = 3 is invalid).
   Same codes -> ``b0 = 2 | 0<<2 | 1<<4 | 1<<6 = 0x52``, ``b1 = 2 | 0<<2 | 2<<4 = 0x22``.
-* ``kbit`` (DoReFa, 3 <= k <= 8): odd code q in [-(2^k-1), 2^k-1] -> m = (q + 2^k - 1) / 2 in [0, 2^k-1]; m_i fills
+* ``kbit`` (3 <= k <= 8): each code q becomes an unsigned k-bit value m in [0, 2^k-1], by the layer's grid:
+  ``dorefa``: odd q in [-(2^k-1), 2^k-1] -> m = (q + 2^k - 1) / 2; ``int`` (format 4, the record's grid flag):
+  q in [-2^(k-1), 2^(k-1)-1] -> m = q + 2^(k-1) (offset binary: two's complement with the top bit flipped). m_i fills
   bits ``i*k .. i*k+k-1`` of the bit stream (stream bit s is bit ``s % 8`` of byte ``s // 8``), least significant bit
   first; 8 values take k bytes, e.g. 6-bit: 4 values -> 3 bytes. ``m = [1, 2, 3, 63]``, k = 6:
-  ``b0 = m0 | (m1 & 3) << 6 = 0x81``, ``b1 = m1 >> 2 | (m2 & 15) << 4 = 0x30``, ``b2 = m2 >> 4 | m3 << 2 = 0xFC``.
+  ``b0 = m0 | (m1 & 3) << 6 = 0x81``, ``b1 = m1 >> 2 | (m2 & 15) << 4 = 0x30``, ``b2 = m2 >> 4 | m3 << 2 = 0xFC``
+  (DoReFa codes ``[-61, -59, -57, 63]``; int codes ``[-31, -30, -29, 31]``).
 * ``ternary-base3-deflate`` / ``kbit-deflate`` (opt-in ``compress=True``): the ``ternary-base3`` bytes / one byte
   per k-bit value m, as one raw deflate stream (zlib wbits -15, level 9, memLevel 9, Huffman only: near the codes'
   order-0 entropy, and fast). Used only where it is smaller than the dense layout. A reader inflates in bounded
@@ -29,7 +32,8 @@ from enum import Enum
 import numpy as np
 import torch
 
-__all__ = ["CodeLayout", "COMPRESSED_LAYOUTS", "DEFLATE_MAX_RATIO", "MAX_ELEMENTS", "layouts_for_bits",
+__all__ = ["CodeLayout", "COMPRESSED_LAYOUTS", "CODE_GRIDS", "kbit_offset", "codes_to_unsigned", "unsigned_to_codes",
+           "DEFLATE_MAX_RATIO", "MAX_ELEMENTS", "layouts_for_bits",
            "layout_nbytes", "code_nbytes", "pack_ternary_base3", "unpack_ternary_base3", "pack_ternary2",
            "unpack_ternary2", "pack_kbit", "unpack_kbit", "deflate_bytes", "inflate_bytes", "encode_codes",
            "iter_codes", "decode_codes"]
@@ -50,6 +54,46 @@ class CodeLayout(str, Enum):
 
 
 COMPRESSED_LAYOUTS = (CodeLayout.TERNARY_DEFLATE, CodeLayout.KBIT_DEFLATE)
+#: how k-bit codes map to the unsigned values of the kbit layouts (core.quantizers.GRIDS)
+CODE_GRIDS = ("dorefa", "int")
+
+
+def _check_grid(grid: str) -> str:
+    if grid not in CODE_GRIDS:
+        raise ValueError(f"grid {grid!r}: choose one of {', '.join(CODE_GRIDS)}")
+    return grid
+
+
+def kbit_offset(bits: int, grid: str) -> tuple[int, int, int]:
+    """``(lo, hi, offset)``: the code range of a ``bits``-bit grid and the offset of its unsigned value ``m``."""
+    if _check_grid(grid) == "int":
+        half = 1 << (bits - 1)
+        return -half, half - 1, half
+    top = (1 << bits) - 1
+    return -top, top, top
+
+
+def codes_to_unsigned(codes, bits: int, grid: str) -> np.ndarray:
+    """k-bit codes -> unsigned values m in [0, 2^k-1] (uint8, flattened): ``(q + 2^k-1) / 2`` for ``dorefa`` (odd
+    codes), ``q + 2^(k-1)`` for ``int``.
+
+    Raises:
+        ValueError: a code outside the grid's range, or an even DoReFa code.
+    """
+    c = _ints(codes)
+    lo, hi, off = kbit_offset(bits, grid)
+    if grid == "int":
+        _in_range(c, lo, hi, f"{bits}-bit int codes")
+        return (c.astype(np.int16) + off).astype(np.uint8)
+    if c.size and (c.min() < lo or c.max() > hi or not (c & 1).all()):  # & 1: odd, also when negative
+        raise ValueError(f"{bits}-bit DoReFa codes must be odd integers in [{lo}, {hi}]")
+    return ((c.astype(np.int16) + off) >> 1).astype(np.uint8)
+
+
+def unsigned_to_codes(m: np.ndarray, bits: int, grid: str) -> np.ndarray:
+    """Inverse of :func:`codes_to_unsigned` (int16); ``m`` must already lie in [0, 2^k-1]."""
+    _, _, off = kbit_offset(bits, grid)
+    return m.astype(np.int16) - off if grid == "int" else m.astype(np.int16) * 2 - off
 
 
 def layouts_for_bits(bits: int) -> tuple[CodeLayout, ...]:
@@ -293,15 +337,16 @@ def inflate_bytes(data, n: int, what: str = "deflate") -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- codes <-> bytes
 
 def encode_codes(codes, bits: int, ternary_layout: CodeLayout | str = CodeLayout.TERNARY_BASE3,
-                 compress: bool = False) -> tuple[CodeLayout, np.ndarray]:
+                 compress: bool = False, grid: str = "dorefa") -> tuple[CodeLayout, np.ndarray]:
     """Lay out one layer's integer codes.
 
     Args:
-        codes: integer array/tensor, any shape: ternary codes in {-1, 0, 1} (``bits == 2``) or odd DoReFa codes in
-            ``[-(2^bits-1), 2^bits-1]``.
+        codes: integer array/tensor, any shape: ternary codes in {-1, 0, 1} (``bits == 2``), odd DoReFa codes in
+            ``[-(2^bits-1), 2^bits-1]`` or int codes in ``[-2^(bits-1), 2^(bits-1)-1]``.
         bits: 2 (ternary) .. 8.
         ternary_layout: ``ternary-base3`` or ``ternary-2bit``, for ternary codes.
         compress: try the deflate layout, and keep it only where it is smaller than the dense one.
+        grid: ``dorefa`` or ``int``, for k-bit codes (ignored for ternary).
 
     Returns:
         (layout, uint8 payload).
@@ -322,11 +367,7 @@ def encode_codes(codes, bits: int, ternary_layout: CodeLayout | str = CodeLayout
             dense = pack_ternary2(codes)
         comp = CodeLayout.TERNARY_DEFLATE
     else:
-        c = _ints(codes)
-        top = (1 << bits) - 1
-        if c.size and (c.min() < -top or c.max() > top or not (c & 1).all()):  # & 1: odd, also when negative
-            raise ValueError(f"{bits}-bit codes must be odd integers in [-{top}, {top}]")
-        raw = ((c.astype(np.int16) + top) >> 1).astype(np.uint8)
+        raw = codes_to_unsigned(codes, bits, grid)
         layout, dense, comp = CodeLayout.KBIT, pack_kbit(raw, bits), CodeLayout.KBIT_DEFLATE
     if compress and dense.size:
         z = deflate_bytes(raw.tobytes())
@@ -345,10 +386,11 @@ def _check_layout(layout, bits: int, n: int) -> CodeLayout:
 
 
 def iter_codes(layout: CodeLayout | str, bits: int, data, n: int,
-               chunk: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+               chunk: int = CHUNK_BYTES, grid: str = "dorefa") -> Iterator[np.ndarray]:
     """Decode and validate a layer's payload piece by piece: yields consecutive runs of its ``n`` codes.
 
-    Ternary codes come as int8 in {-1, 0, 1}, k-bit codes as odd int16 in ``[-(2^k-1), 2^k-1]``. At most ``chunk``
+    Ternary codes come as int8 in {-1, 0, 1}, k-bit codes as int16 on ``grid`` (:func:`unsigned_to_codes`: odd in
+    ``[-(2^k-1), 2^k-1]`` for ``dorefa``, ``[-2^(k-1), 2^(k-1)-1]`` for ``int``). At most ``chunk``
     payload bytes (or inflated bytes) are worked on at a time, so memory stays bounded whatever the payload claims.
 
     Raises:
@@ -356,6 +398,7 @@ def iter_codes(layout: CodeLayout | str, bits: int, data, n: int,
             value), non-zero padding, or a corrupt/oversized/truncated deflate stream.
     """
     layout = _check_layout(layout, bits, n)
+    _check_grid(grid)
     top = (1 << bits) - 1
     if layout in COMPRESSED_LAYOUTS:
         if n == 0:
@@ -370,7 +413,7 @@ def iter_codes(layout: CodeLayout | str, bits: int, data, n: int,
                 if piece.max() > top:
                     raise ValueError(f"{layout.value}: value {int(piece.max())} does not fit in {bits} bits")
                 k = piece.size
-                yield piece.astype(np.int16) * 2 - top
+                yield unsigned_to_codes(piece, bits, grid)
             left -= k
         return
     d = _payload(data, n, layout_nbytes(layout, bits, n), layout.value)
@@ -385,12 +428,12 @@ def iter_codes(layout: CodeLayout | str, bits: int, data, n: int,
         elif layout == CodeLayout.TERNARY_2BIT:
             yield unpack_ternary2(piece, k)
         else:
-            yield unpack_kbit(piece, bits, k).astype(np.int16) * 2 - top
+            yield unsigned_to_codes(unpack_kbit(piece, bits, k), bits, grid)
         left -= k
 
 
-def decode_codes(layout: CodeLayout | str, bits: int, data, n: int) -> np.ndarray:
-    """All ``n`` codes of a payload (:func:`iter_codes`): int8 for ternary, int16 for k-bit, shape (n,).
+def decode_codes(layout: CodeLayout | str, bits: int, data, n: int, grid: str = "dorefa") -> np.ndarray:
+    """All ``n`` codes of a payload (:func:`iter_codes`): int8 for ternary, int16 for k-bit (on ``grid``), shape (n,).
 
     Raises:
         ValueError: as :func:`iter_codes`.
@@ -398,7 +441,7 @@ def decode_codes(layout: CodeLayout | str, bits: int, data, n: int) -> np.ndarra
     _check_layout(layout, bits, n)
     out = np.empty(n, np.int8 if bits == 2 else np.int16)
     pos = 0
-    for c in iter_codes(layout, bits, data, n):
+    for c in iter_codes(layout, bits, data, n, grid=grid):
         out[pos:pos + c.size] = c
         pos += c.size
     if pos != n:  # cannot happen for a well-formed payload; guards the chunk arithmetic

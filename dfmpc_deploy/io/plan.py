@@ -153,11 +153,14 @@ def _layer_record(q: QuantLayer, key: str, index: dict[str, int], ternary_layout
     if not q.fqn or not layer_shape_ok(q.kind, shape) or math.prod(shape) > MAX_ELEMENTS or max(shape) >= 1 << 32:
         raise DfmpcError(f"layer '{printable(q.fqn)}': a {q.kind} weight of shape {list(shape)} is beyond the "
                          f"format's limits (2-D linear or 3- to 5-D conv, no empty dimension, < 2^31 weights)")
+    grid = "dorefa" if q.bits == 2 else q.grid  # ternary codes have no grid; k-bit: int or DoReFa (flag bit 3)
+    if grid not in ("int", "dorefa"):
+        raise DfmpcError(f"layer '{printable(q.fqn)}': grid {q.grid!r} cannot be packed (int or dorefa)")
     scale_once, in_once = uniform(q.scale), q.in_scale is not None and uniform(q.in_scale)
     data, pieces = None, []
     if payload or compress:
         try:
-            layout, codes = encode_codes(q.codes, q.bits, ternary_layout, compress)
+            layout, codes = encode_codes(q.codes, q.bits, ternary_layout, compress, grid)
         except ValueError as err:
             raise DfmpcError(f"layer '{printable(q.fqn)}': {err}") from None
         data, nb = codes.tobytes(), int(codes.size)
@@ -173,7 +176,8 @@ def _layer_record(q: QuantLayer, key: str, index: dict[str, int], ternary_layout
         if ins is not None:
             pieces.append(raw_bytes(ins[:1] if in_once else ins))
     rec = LayerRecord(key, q.kind, q.bits, CodeLayout(layout), q.role, shape,
-                      None if q.partner is None else index[q.partner], q.in_scale is not None, scale_once, in_once, nb)
+                      None if q.partner is None else index[q.partner], q.in_scale is not None, scale_once, in_once, nb,
+                      grid)
     return rec, data, pieces
 
 

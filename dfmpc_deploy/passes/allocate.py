@@ -7,8 +7,8 @@ Data-free, no training:
    high width* (the context the layer will live in, so the score sees its interaction with the others' noise rather
    than an FP network), the BN right after it is re-estimated when ``b`` is below the high width (what the
    pipeline will do to it), and the score is the mean ``KL(p_fp || p_q)`` of the class posteriors:
-   ``S[l][b]``. Quantizers are the plain ones (TWN / DoReFa, nearest rounding); the build then applies error
-   feedback on top, so the scores rank layers rather than predict the final accuracy.
+   ``S[l][b]``. Quantizers are the plain ones (TWN / the build's k-bit grid, nearest rounding); the build then applies
+   error feedback on top, so the scores rank layers rather than predict the final accuracy.
 2. **Choice.** Minimise ``sum_l S[l][b_l]`` (the additive proxy of the accuracy loss, as in ZeroQ's and HAWQ's
    Pareto selections) subject to the code bytes fitting the budget: an exact multiple-choice knapsack by dynamic
    programming over the budget in ``resolution`` units, each layer's cost rounded *up*, so the result never
@@ -34,7 +34,7 @@ from torch import nn
 
 from ..core.graph import Role
 from ..core.options import option, positive_float
-from ..core.quantizers import dequantize, quantize_weight
+from ..core.quantizers import DEFAULT_GRID, dequantize, quantize_weight
 from ..core.state import MixedPrecisionModel
 from ..errors import DfmpcError, UsageError
 from ..io.container import code_nbytes, packed_nbytes
@@ -78,7 +78,8 @@ class Allocation:
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, names: Iterable[str], inputs: torch.Tensor, candidates: Iterable[int],
                       context_bits: int, bn_after: dict[str, str] | None = None, per_channel: bool = False,
-                      progress: Callable[[int, int], None] | None = None) -> dict[str, dict[int, float]]:
+                      grid: str = DEFAULT_GRID, progress: Callable[[int, int], None] | None = None
+                      ) -> dict[str, dict[int, float]]:
     """``S[l][b]``: mean KL(p_fp || p_q) on ``inputs`` with layer ``l`` at ``b`` bits, every other at ``context_bits``.
 
     Args:
@@ -89,6 +90,7 @@ def layer_sensitivity(model: nn.Module, names: Iterable[str], inputs: torch.Tens
         context_bits: width of all the other layers while one is scored.
         bn_after: ``{layer: bn}``; that BN is re-estimated on ``inputs`` when ``b < context_bits``.
         per_channel: per-output-channel quantizer ranges.
+        grid: the k-bit grid (core.quantizers.GRIDS).
         progress: optional callable(done, total).
 
     Returns:
@@ -102,7 +104,7 @@ def layer_sensitivity(model: nn.Module, names: Iterable[str], inputs: torch.Tens
 
     def quant(name: str, bits: int) -> torch.Tensor:
         w = fp[name].weight
-        return dequantize(*quantize_weight(w, bits, per_channel)).to(inputs.device, w.dtype)
+        return dequantize(*quantize_weight(w, bits, per_channel, grid)).to(inputs.device, w.dtype)
 
     context = {n: quant(n, context_bits) for n in names}
     for n in names:
@@ -269,7 +271,7 @@ class Allocate(Pass):
         first = {n: Role(q.role) for n, q in ctx.layers.items()}
         progress = ctx.task("score layers")
         scores = layer_sensitivity(ctx.fp_model, names, ctx.inputs, cands, ctx.bits.high, ctx.graph.bn_after,
-                                   ctx.per_channel, progress)
+                                   ctx.per_channel, ctx.grid, progress)
         sizes = {n: {b: code_nbytes(b, ctx.layers[n].numel) for b in cands} for n in names}
 
         def apply_bits(bits: dict[str, int]) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 from ..core.config import BitsSpec
 from ..core.graph import GraphAnalysis
 from ..core.options import flag_of
+from ..core.quantizers import DEFAULT_GRID
 from ..core.state import MixedPrecisionModel, QuantLayer
 from ..core.stats import bn_status
 from ..core.validate import check_weights
@@ -67,6 +68,7 @@ class Context:
         layers: ``{fqn: QuantLayer}`` once the quantize pass has run.
         bits: the low/high widths the quantize pass used (later passes choose within them).
         per_channel: whether the quantizer ranges are per output channel.
+        grid: the k-bit grid the quantize pass used (``int`` or ``dorefa``); re-quantized layers use it too.
         inputs: calibration inputs (synthetic, or real for the labelled reference), None when there are none.
         estimator: one line saying where the low-bit layers' BN statistics come from.
         real_inputs: real images, only for the labelled real-data reference.
@@ -85,6 +87,7 @@ class Context:
     layers: dict[str, QuantLayer] = field(default_factory=dict)
     bits: BitsSpec = BitsSpec(2, 6)
     per_channel: bool = False
+    grid: str = DEFAULT_GRID
     inputs: torch.Tensor | None = None
     estimator: str = "none (FP statistics kept)"
     real_inputs: torch.Tensor | None = None

@@ -99,12 +99,12 @@ def bns_loss(model: nn.Module) -> tuple[Callable[[], torch.Tensor], Callable[[],
     return take, remove
 
 
-def _ste_weights(targets: list[tuple[str, nn.Module, int]], per_channel: bool) -> dict[str, torch.Tensor]:
+def _ste_weights(targets: list[tuple[str, nn.Module, int]], per_channel: bool, grid: str) -> dict[str, torch.Tensor]:
     """Quantized weights of ``(fqn, module, bits)`` with a straight-through gradient to the latent float weights."""
     out = {}
     for name, mod, b in targets:
         w = cast(torch.Tensor, mod.weight)
-        q = dequantize(*quantize_weight(w.detach(), b, per_channel))
+        q = dequantize(*quantize_weight(w.detach(), b, per_channel, grid))
         out[f"{name}.weight"] = w + (q - w).detach()
     return out
 
@@ -178,7 +178,7 @@ class Finetune(Pass):
                 opt_g.step()
                 last_g = float(loss_g.detach())
                 if step >= warmup:
-                    s_out = torch.func.functional_call(student, _ste_weights(targets, ctx.per_channel),
+                    s_out = torch.func.functional_call(student, _ste_weights(targets, ctx.per_channel, ctx.grid),
                                                        (x.detach(),))
                     kd = F.kl_div(F.log_softmax(s_out / T, 1), F.softmax(t_out.detach() / T, 1),
                                   reduction="batchmean")
@@ -198,8 +198,8 @@ class Finetune(Pass):
             remove()
         student.requires_grad_(False)
         for n, q in list(ctx.layers.items()):  # codes from the final latent weights
-            codes, scale = quantize_weight(mods[n].weight, q.bits, ctx.per_channel)
-            ctx.layers[n] = QuantLayer(n, q.kind, q.role, q.bits, codes, scale, partner=q.partner)
+            codes, scale = quantize_weight(mods[n].weight, q.bits, ctx.per_channel, q.grid)
+            ctx.layers[n] = QuantLayer(n, q.kind, q.role, q.bits, codes, scale, partner=q.partner, grid=q.grid)
         set_weights_(student, ctx.layers)
         ctx.model = student
         ctx.estimator = (f"GDFQ generator samples ({total} steps x batch {self.batch}, {warmup} generator warm-up; "

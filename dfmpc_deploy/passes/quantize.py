@@ -1,8 +1,10 @@
-"""Quantize pass: every Conv2d/Linear to its role's width on the paper's grids (D7, D9).
+"""Quantize pass: every Conv2d/Linear to its role's width (D7, D9).
 
 The first layer of each pair (core.graph) goes to the low width, every other layer to the high width: TWN ternary
-for 2 bits (Eqs. 3-4), DoReFa k-bit otherwise (Eq. 6), layer-wise as printed unless ``per_channel``. Dequantised
-weights keep alpha and max|W| (D4): the working model computes with ``codes * scale`` exactly.
+for 2 bits (Eqs. 3-4), otherwise the k-bit ``grid``: ``int`` (symmetric integers with a zero level, the form
+TensorRT and ONNX INT8 execute; the default, :data:`~dfmpc_deploy.core.quantizers.DEFAULT_GRID`) or the paper's
+``dorefa`` (Eq. 6); layer-wise unless ``per_channel``. Dequantised weights keep alpha and the step (D4): the working
+model computes with ``codes * scale`` exactly. Each layer records its grid, which later passes round on.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from torch import nn
 from ..core.config import BitsSpec, parse_bits
 from ..core.graph import Role
 from ..core.options import option
-from ..core.quantizers import quantize_weight
+from ..core.quantizers import DEFAULT_GRID, GRIDS, check_grid, quantize_weight
 from ..core.state import QuantLayer
+from ..errors import UsageError
 from .base import Context, Pass, register_pass
 
 __all__ = ["Quantize", "set_weights_", "requantize_"]
@@ -33,8 +36,8 @@ def set_weights_(model: nn.Module, layers: dict[str, QuantLayer]) -> None:
 def requantize_(ctx: Context, fqn: str, bits: int, role: Role) -> None:
     """Re-quantize one layer of ``ctx`` from the FP reference at ``bits`` with a new role (allocation)."""
     q = ctx.layers[fqn]
-    codes, scale = quantize_weight(dict(ctx.fp_model.named_modules())[fqn].weight, bits, ctx.per_channel)
-    ctx.layers[fqn] = QuantLayer(fqn, q.kind, role, bits, codes, scale, partner=q.partner)
+    codes, scale = quantize_weight(dict(ctx.fp_model.named_modules())[fqn].weight, bits, ctx.per_channel, ctx.grid)
+    ctx.layers[fqn] = QuantLayer(fqn, q.kind, role, bits, codes, scale, partner=q.partner, grid=ctx.grid)
 
 
 @register_pass
@@ -45,6 +48,7 @@ class Quantize(Pass):
     Args:
         bits: ``LOW/HIGH`` widths (``2/6``; ``6`` alone means every layer at 6 bits).
         per_channel: per-output-channel quantizer ranges instead of the paper's layer-wise ones.
+        grid: the k-bit grid, ``int`` or ``dorefa`` (core.quantizers).
     """
 
     name = "quantize"
@@ -53,21 +57,29 @@ class Quantize(Pass):
                                  "2 = ternary; one number = every layer at that width")
     per_channel: bool = option(False, flag="--per-channel", action="store_true",
                                help="per-output-channel quantizer ranges (the paper's are layer-wise)")
+    grid: str = option(DEFAULT_GRID, flag="--grid", choices=GRIDS,
+                       help="k-bit grid (3..8 bits; 2 bits is always ternary): 'int' = symmetric integers with a "
+                            "zero level, step by least weight error (what TensorRT/ONNX INT8 execute; int8-lattice "
+                            "weights come back exactly at 8 bits), 'dorefa' = the paper's Eq. 6 (no zero level)")
 
     def __post_init__(self) -> None:
+        try:
+            check_grid(self.grid)
+        except ValueError:
+            raise UsageError(f"bad --grid '{self.grid}': choose {' or '.join(GRIDS)}") from None
         if isinstance(self.bits, str):
             object.__setattr__(self, "bits", parse_bits(self.bits))
         if not isinstance(self.bits, BitsSpec):
             raise TypeError(f"bits must be a BitsSpec or 'LOW/HIGH', got {self.bits!r}")
 
     def apply(self, ctx: Context) -> dict:
-        ctx.bits, ctx.per_channel = self.bits, self.per_channel
+        ctx.bits, ctx.per_channel, ctx.grid = self.bits, self.per_channel, self.grid
         fp = dict(ctx.fp_model.named_modules())
         layers = {}
         for r in ctx.graph.roles:
             bits = self.bits.low if r.role == Role.LOW else self.bits.high
-            codes, scale = quantize_weight(fp[r.fqn].weight, bits, self.per_channel)
-            layers[r.fqn] = QuantLayer(r.fqn, r.kind, r.role, bits, codes, scale, partner=r.partner)
+            codes, scale = quantize_weight(fp[r.fqn].weight, bits, self.per_channel, self.grid)
+            layers[r.fqn] = QuantLayer(r.fqn, r.kind, r.role, bits, codes, scale, partner=r.partner, grid=self.grid)
         ctx.layers = layers
         set_weights_(ctx.model, layers)
         return {"layers": len(layers), "low_layers": sum(q.role == Role.LOW for q in layers.values())}

@@ -126,7 +126,8 @@ class Recalibrate(Pass):
             w = fp[name].weight.detach().flatten(1).to(x.device)
             mults = None if (self.grid_search and q.role == Role.LOW) else (1.0,)
             grid: dict[str, Any] = {} if mults is None else {"multipliers": mults}
-            codes, scale, mult = best_grid_codes(w, h, q.scale.to(x.device), q.bits, seed=ctx.seed, **grid)
+            codes, scale, mult = best_grid_codes(w, h, q.scale.to(x.device), q.bits, seed=ctx.seed, grid=q.grid,
+                                                 **grid)
             q.codes = codes.reshape(q.codes.shape).to("cpu", q.codes.dtype)
             q.scale = scale.float().cpu()
             with torch.no_grad():

@@ -25,8 +25,9 @@ Speed:
   error wins and the full layer is rounded once with it. With all rows in the subset (every CIFAR layer) the choice
   is exactly the exhaustive one; above, the subset estimates the sum over rows (tests measure the regret).
 
-The quantizer grid is the paper's: TWN levels {-alpha, 0, alpha} (Eqs. 3-4) and DoReFa's odd levels (Eq. 6), with
-the same scales as plain rounding (times the searched grid multiplier); only the choice of code per weight changes.
+The quantizer grid is the layer's own: TWN levels {-alpha, 0, alpha} (Eqs. 3-4), or its k-bit grid (``int`` or the
+paper's DoReFa, core.quantizers.round_to_grid), with the same scales as plain rounding (times the searched grid
+multiplier); only the choice of code per weight changes.
 """
 from __future__ import annotations
 
@@ -37,22 +38,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.quantizers import round_to_grid
+
 __all__ = ["nearest_codes", "inverse_factor", "gptq_codes", "direction_error", "best_grid_codes",
            "input_second_moment", "GRID_MULTIPLIERS", "supported"]
 
 #: run the column loop of a float32 CPU block through numpy (same results; tests switch it off to compare)
 _NUMPY_LOOP = True
 
-#: grid steps tried for a low-bit layer, as multiples of its TWN / DoReFa scale
+#: grid steps tried for a low-bit layer, as multiples of its TWN / k-bit grid scale
 GRID_MULTIPLIERS = (0.7, 0.85, 1.0, 1.2, 1.4)
 
 
-def nearest_codes(v: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Nearest grid code of each value ``v`` (rows scaled by ``scale``, broadcast as given)."""
-    if bits == 2:
-        return torch.clamp(torch.round(v / scale), -1, 1)
-    n = 2 ** bits - 1
-    return torch.clamp(2 * torch.round((v / scale + n) / 2) - n, -n, n)
+def nearest_codes(v: torch.Tensor, scale: torch.Tensor, bits: int, grid: str = "dorefa") -> torch.Tensor:
+    """Nearest grid code of each value ``v`` (rows scaled by ``scale``, broadcast as given): core.quantizers'
+    :func:`~dfmpc_deploy.core.quantizers.round_to_grid`."""
+    return round_to_grid(v, scale, bits, grid)
 
 
 def inverse_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,15 +78,17 @@ def inverse_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def gptq_codes(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, bits: int, block: int = 128) -> torch.Tensor:
+def gptq_codes(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, bits: int, block: int = 128,
+               grid: str = "dorefa") -> torch.Tensor:
     """Codes for ``w`` (rows, K) on the grid ``scale`` (rows,), minimising the H-weighted output error.
 
     Args:
         w: FP weight rows (dead columns already zeroed), K in im2col order (in, kh, kw).
         u: (K, K) upper Cholesky factor of ``H^-1`` (:func:`inverse_factor`).
-        scale: per-row grid step (ternary: alpha; DoReFa: max|W|/(2^k-1)), > 0.
+        scale: per-row grid step (ternary: alpha; k-bit: the quantizer's step, e.g. DoReFa max|W|/(2^k-1)), > 0.
         bits: 2 (ternary) or 3..8.
         block: columns per lazy block.
+        grid: the k-bit grid (core.quantizers.GRIDS).
 
     Returns:
         (rows, K) integer-valued codes in ``w``'s dtype.
@@ -103,11 +106,11 @@ def gptq_codes(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, bits: int,
         errs = torch.empty((rows, i2 - i1), dtype=w.dtype, device=w.device)
         if cpu and w.dtype == torch.float32 and _NUMPY_LOOP:
             _columns_numpy(wb.numpy(), ub.numpy(), s.numpy(), s_round.numpy(), bits, codes[:, i1:i2].numpy(),
-                           errs.numpy())
+                           errs.numpy(), grid)
         else:
             for i in range(i2 - i1):
                 col = wb[:, i:i + 1]
-                q = nearest_codes(col, s_round, bits)
+                q = round_to_grid(col, s_round, bits, grid)
                 codes[:, i1 + i:i1 + i + 1] = q
                 err = (col - q * s) / ub[i, i]
                 wb[:, i:] -= err * ub[i:i + 1, i:]
@@ -118,18 +121,13 @@ def gptq_codes(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, bits: int,
 
 
 def _columns_numpy(wb: np.ndarray, ub: np.ndarray, s: np.ndarray, s_round: np.ndarray, bits: int, codes: np.ndarray,
-                   errs: np.ndarray) -> None:
+                   errs: np.ndarray, grid: str = "dorefa") -> None:
     """The column loop of one lazy block on CPU arrays, in place: the same float32 operations in the same order as
     the torch loop (so the same codes, bit for bit: tests/passes/test_rounding.py), at numpy's per-call cost, a
     fraction of torch's for these (rows,) and (rows x <= 128) operations."""
-    n = 2 ** bits - 1
-    two, nn_ = np.float32(2), np.float32(n)
     for i in range(wb.shape[1]):
         col = wb[:, i:i + 1]
-        if bits == 2:
-            q = np.clip(np.round(col / s_round), -1, 1)
-        else:
-            q = np.clip(two * np.round((col / s_round + nn_) / two) - nn_, -nn_, nn_)
+        q = round_to_grid(col, s_round, bits, grid)
         codes[:, i:i + 1] = q
         err = (col - q * s) / ub[i, i]
         wb[:, i:] -= err * ub[i:i + 1, i:]
@@ -148,7 +146,8 @@ def direction_error(codes: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, h
 @torch.no_grad()
 def best_grid_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: int,
                     multipliers: tuple[float, ...] = GRID_MULTIPLIERS, search_rows: int = 128,
-                    seed: int = 0, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
+                    seed: int = 0, damp: float = 0.01, grid: str = "dorefa"
+                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Error-feedback codes on the grid step ``m * scale`` with the least direction error over ``multipliers``.
 
     Args:
@@ -157,6 +156,7 @@ def best_grid_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits:
         search_rows: rows rounded per candidate during the search (all rows when the layer has no more).
         seed: which rows form the subset (fixed, so builds are reproducible).
         damp: see :func:`inverse_factor`.
+        grid: the k-bit grid (core.quantizers.GRIDS).
 
     Returns:
         (codes (rows, K), scale (rows,) of the chosen grid, the chosen multiplier).
@@ -179,14 +179,14 @@ def best_grid_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits:
         ws, ss = w[idx], scale[idx]
         stacked_w = ws.repeat(len(multipliers), 1)
         stacked_s = torch.cat([ss * m for m in multipliers])
-        codes = gptq_codes(stacked_w, u, stacked_s, bits)
+        codes = gptq_codes(stacked_w, u, stacked_s, bits, grid=grid)
         err = direction_error(codes, stacked_s, stacked_w, h).reshape(len(multipliers), -1).sum(1)
         j = int(torch.argmin(err))
         best_m = multipliers[j]
         if len(idx) == rows:  # the search rounded every row already: keep those codes
             return codes[j * rows:(j + 1) * rows], stacked_s[j * rows:(j + 1) * rows], best_m
     chosen = scale * best_m
-    return gptq_codes(w, u, chosen, bits), chosen, best_m
+    return gptq_codes(w, u, chosen, bits, grid=grid), chosen, best_m
 
 
 def input_second_moment(module: nn.Module, x: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:

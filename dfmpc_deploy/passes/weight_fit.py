@@ -32,12 +32,13 @@ from torch import nn
 from calib_free.ranges import estimate_act_ranges
 
 from ..core.options import option
+from ..core.quantizers import round_to_grid
 from ..core.state import QuantLayer
 from ..core.threads import one_thread
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
 from .equalize import Equalize
-from .rounding import GRID_MULTIPLIERS, nearest_codes
+from .rounding import GRID_MULTIPLIERS
 
 __all__ = ["EqualizeForGrid", "FitWeights", "CorrectBias", "fit_layer"]
 
@@ -78,7 +79,7 @@ def fit_layer(w: torch.Tensor, q: QuantLayer, fit_grid: bool = True, fit_c: bool
         for m in multipliers:
             if m == 1.0:
                 continue
-            cand = nearest_codes(wf, (m * base)[:, None], q.bits)
+            cand = round_to_grid(wf, (m * base)[:, None], q.bits, q.grid)
             err = _weight_error(cand, m * base, wf, fit_c)
             if err < best:
                 best, best_m, codes = err, m, cand

@@ -65,7 +65,7 @@ def _header(rep: Report) -> str:
         parts.append('<div class="banner" role="alert"><strong>RANDOM WEIGHTS</strong> &mdash; this build used '
                      'seeded random weights: sizes, latency and export are real, accuracy is meaningless.</div>')
     bits = (f"{b.display()} (per-layer allocation; 2 = ternary)" if b.mixed else
-            f"{b.display()} (low = {b.low_name}, high = {b.high}-bit DoReFa; activations FP32)")
+            f"{b.display()} (low = {b.low_name}, high = {b.high_name}; activations FP32)")
     meta = [("bits", bits), ("code bits per weight", f"{b.avg_code_bits:.3f}"),
             ("method", f"{r.name}: {r.description}"),
             ("data used", r.data_used + (", fine-tuned" if r.fine_tuning else ", no fine-tuning")),

@@ -81,7 +81,7 @@ def _header(rep: Report) -> list[str]:
     elif b.mixed:
         lines.append(f"- bits: {b.display()}, chosen per layer (2 = ternary; activations FP32)")
     else:
-        lines.append(f"- bits: {b.display()}  (low = {b.low_name}, high = {b.high}-bit DoReFa; activations FP32; "
+        lines.append(f"- bits: {b.display()}  (low = {b.low_name}, high = {b.high_name}; activations FP32; "
                      f"{b.avg_code_bits:.2f} code bits/weight)")
     r = rep.recipe
     lines.append(f"- method: {md_text(r.name)}: {md_text(r.description)} (data used: {r.data_used}; fine-tuning: "

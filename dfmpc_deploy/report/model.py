@@ -13,9 +13,9 @@ Keys read by checks outside this project keep their format-1 shapes exactly: ``a
 
 Example::
 
-    >>> bits = Bits(low=2, high=6, mixed=False, avg_code_bits=3.9978)
+    >>> bits = Bits(low=2, high=6, mixed=False, avg_code_bits=3.9978, grid="int")
     >>> bits.display()
-    '2/6'
+    '2/6 int'
 """
 from __future__ import annotations
 
@@ -75,43 +75,63 @@ Role = Literal["low", "high-compensating", "high"]
 class Bits(Section):
     """The bit widths: a fixed low/high pairing or a per-layer allocation between ``low`` and ``high``."""
 
-    low: int = req("bits of the low-bit layers (2 = ternary, 3..8 = DoReFa k-bit)", minimum=2, maximum=8)
+    low: int = req("bits of the low-bit layers (2 = ternary, 3..8 = k-bit on ``grid``)", minimum=2, maximum=8)
     high: int = req("bits of every other quantized layer", minimum=2, maximum=8)
     mixed: bool = req("true when each layer's width was chosen by the allocation (``allocation``)")
     avg_code_bits: float = req("packed code bits per quantized weight (ternary base-3 counts 1.6)", minimum=0)
+    grid: Literal["int", "dorefa"] | None = opt("the k-bit grid (``--grid``): ``int`` (zero level) or ``dorefa`` "
+                                                "(the paper's Eq. 6); absent in reports of builds before the choice "
+                                                "existed, which were all DoReFa")
 
     def _check(self) -> None:
         if self.low > self.high:
             raise Invalid(".low", f"{self.low} is above high = {self.high}", type_error=False)
 
     @property
+    def grid_name(self) -> str:
+        """``int`` or ``DoReFa`` (DoReFa when the report predates ``grid``)."""
+        return "int" if self.grid == "int" else "DoReFa"
+
+    def _name(self, bits: int) -> str:
+        return "ternary" if bits == 2 else f"{bits}-bit {self.grid_name}"
+
+    @property
     def low_name(self) -> str:
-        """``ternary`` or ``k-bit DoReFa``."""
-        return "ternary" if self.low == 2 else f"{self.low}-bit DoReFa"
+        """``ternary`` or ``k-bit int`` / ``k-bit DoReFa``."""
+        return self._name(self.low)
+
+    @property
+    def high_name(self) -> str:
+        """``k-bit int`` / ``k-bit DoReFa`` (``ternary`` for 2/2)."""
+        return self._name(self.high)
 
     def display(self) -> str:
-        """``2/6``, or ``mixed 2..6 (3.97 bits/weight)`` for an allocation."""
+        """``2/6 int`` (``2/6 DoReFa``; ``2/6`` when the grid is not recorded), or ``mixed 2..6 int (3.97
+        bits/weight)`` for an allocation."""
+        grid = "" if self.grid is None or self.high == 2 else f" {self.grid_name}"
         if self.mixed:
-            return f"mixed {self.low}..{self.high} ({self.avg_code_bits:.2f} bits/weight)"
-        return f"{self.low}/{self.high}"
+            return f"mixed {self.low}..{self.high}{grid} ({self.avg_code_bits:.2f} bits/weight)"
+        return f"{self.low}/{self.high}{grid}"
 
     __str__ = display
 
     @classmethod
-    def from_rows(cls, rows: Iterable[LayerRow], *, low: int, high: int, mixed: bool = False) -> Bits:
+    def from_rows(cls, rows: Iterable[LayerRow], *, low: int, high: int, mixed: bool = False,
+                  grid: Literal["int", "dorefa"] | None = None) -> Bits:
         """``avg_code_bits`` counted from the layer rows, as :func:`dfmpc_deploy.io.container.avg_code_bits` does.
 
         Args:
             rows: the layer rows (:func:`layer_rows`).
             low, high: the bit widths (the quantize pass's ``bits``).
             mixed: True for a per-layer allocation.
+            grid: the k-bit grid, when known.
         """
         from ..io.layouts import code_nbytes  # lazy: io.layouts imports torch, and the report reads without it
 
         rows = list(rows)
         n = sum(r.params for r in rows)
         avg = 8 * sum(code_nbytes(r.bits, r.params) for r in rows) / max(1, n)
-        return cls(low=low, high=high, mixed=mixed, avg_code_bits=round(avg, 4))
+        return cls(low=low, high=high, mixed=mixed, avg_code_bits=round(avg, 4), grid=grid)
 
 
 @dataclass(frozen=True, kw_only=True)

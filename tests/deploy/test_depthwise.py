@@ -120,7 +120,9 @@ def test_dfq_bias_correction_handles_a_depthwise_consumer():
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6])
 def test_c_folds_into_bn_after_relu_and_into_projection_input_after_relu6(act):
-    mp = compensate(tiny_ir(act), SHAPE, "dfmpc-paper", bits="3/6")
+    # the paper's method on the paper's grid: DoReFa has no zero level, so c can rescue a narrow depthwise channel
+    # that a per-tensor int grid rounds to zero (measured: relative error 3.7 on the int grid)
+    mp = compensate(tiny_ir(act), SHAPE, "dfmpc-paper", bits="3/6", grid="dorefa")
     for dw, proj in zip(DW, PROJ):
         assert mp.layers[dw].role == Role.LOW and mp.layers[dw].c_folded
         assert (mp.layers[proj].in_scale is not None) == (act is nn.ReLU6), proj

@@ -104,12 +104,12 @@ def test_in_scale_mul_negative_bn_gamma_and_requantised_8bit(tmp_path):
     pytest.importorskip("onnxruntime")
     from dfmpc_deploy.deploy.ort import parity
 
-    mp = compensate(_relu6_net(negative_gamma=True), SHAPE, **quick_cfg((2, 8), c_mode="paper"))
+    mp = compensate(_relu6_net(negative_gamma=True), SHAPE, **quick_cfg((2, 8), c_mode="paper", grid="dorefa"))
     assert any(q.in_scale is not None for q in mp.layers.values())
     res = export_variants(mp, tmp_path, SHAPE, ("fp32", "wdq", "w8a8"))
     m = onnx.load(res["wdq"].path)
     assert any(n.op_type == "Mul" and n.input[1].endswith(".in_scale") for n in m.graph.node)
-    assert any("do not fit INT8; requantised" in n for n in res["wdq"].notes)
+    assert any("do not fit INT8; 8 of 8 channels requantised" in n for n in res["wdq"].notes)
     assert not any("requantised" in n for n in res["fp32"].notes)
     x = example_inputs(16)
     p32, pq = parity(res["fp32"].path, mp.module, x), parity(res["wdq"].path, mp.module, x)
@@ -138,3 +138,60 @@ def test_symbolic_batch_dimension(tiny_exports):
     assert sess.get_inputs()[0].shape[0] == "batch"
     for n in (1, 5):
         assert sess.run(None, {"input": example_inputs(n).numpy()})[0].shape == (n, 10)
+
+
+def _lattice_net(negative_gamma: bool) -> nn.Module:
+    """_relu6_net with every conv/linear weight on an int8 lattice that uses -128 in every output channel."""
+    net = _relu6_net(negative_gamma)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                g = torch.Generator().manual_seed(m.weight.numel())
+                q = torch.randint(-127, 128, m.weight.shape, generator=g)
+                q.view(q.shape[0], -1)[:, 0] = -128
+                m.weight.copy_(q.float() * torch.tensor(0.004, dtype=torch.float32))
+    return net
+
+
+@pytest.mark.parametrize("bits", [(4, 8), (8, 8)])
+def test_int_grid_exports_its_codes_as_they_are_and_matches_torch(tmp_path, bits):
+    """int-grid codes go to INT8 unchanged (-128 included) and, where they fit [-8, 7], to INT4."""
+    pytest.importorskip("onnxruntime")
+    from dfmpc_deploy.deploy.ort import parity
+
+    mp = compensate(_lattice_net(False), SHAPE, **quick_cfg(bits, grid="int"))
+    res = export_variants(mp, tmp_path, SHAPE, ("fp32", "wdq"), opset=21, int4=True)
+    assert not any("requantised" in n for n in res["wdq"].notes), res["wdq"].notes
+    m = onnx.load(res["wdq"].path)
+    inits = _inits(m)
+    dq = {n.output[0]: n for n in m.graph.node if n.op_type == "DequantizeLinear"}
+    saw_min = False
+    for fqn, q in mp.layers.items():
+        t = inits[dq[f"{fqn}.weight"].input[0]]
+        codes = onnx.numpy_helper.to_array(t).astype(np.int16)
+        assert np.array_equal(codes, q.codes.numpy()), f"{fqn}: codes changed"  # BN gamma > 0: no sign flip
+        fits4 = int(q.codes.min()) >= -8 and int(q.codes.max()) <= 7
+        assert t.data_type == (onnx.TensorProto.INT4 if fits4 else onnx.TensorProto.INT8), fqn
+        saw_min = saw_min or int(q.codes.min()) == -(2 ** (q.bits - 1))
+    assert saw_min, "the test should exercise the lattice's most negative code"
+    x = example_inputs(16)
+    for v in ("fp32", "wdq"):
+        p = parity(res[v].path, mp.module, x)
+        assert p["max_abs_diff"] <= 1e-4 * p["max_abs_ref"] + 1e-5, (v, p)
+
+
+def test_int_minus_128_under_a_negative_folded_scale_requantises_only_those_channels(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from dfmpc_deploy.deploy.ort import parity
+
+    net = _lattice_net(True)
+    mp = compensate(net, SHAPE, **quick_cfg((8, 8), grid="int"))
+    assert int(mp.layers["0"].codes.min()) == -128
+    negative = int((net[1].weight < 0).sum())
+    assert 0 < negative < 8
+    res = export_variants(mp, tmp_path, SHAPE, ("fp32", "wdq"))
+    assert any("'0': int codes of -128" in n and f"{negative} of 8 channels requantised" in n
+               for n in res["wdq"].notes), res["wdq"].notes
+    x = example_inputs(16)
+    pq = parity(res["wdq"].path, mp.module, x)
+    assert pq["max_abs_diff"] <= 2e-2 * pq["max_abs_ref"], pq

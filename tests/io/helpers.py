@@ -99,6 +99,7 @@ def assert_same_model(a, b, x) -> None:
     for fqn, qa in a.layers.items():
         qb = b.layers[fqn]
         assert (qa.kind, qa.role, qa.bits, qa.partner) == (qb.kind, qb.role, qb.bits, qb.partner)
+        assert qa.bits == 2 or qa.grid == qb.grid, f"{fqn}: grid {qa.grid} read back as {qb.grid}"
         assert qa.codes.dtype == qb.codes.dtype and torch.equal(qa.codes, qb.codes)
         assert qb.scale.dtype == torch.float32 and torch.equal(qa.scale, qb.scale)
         assert (qa.in_scale is None) == (qb.in_scale is None)

@@ -84,7 +84,7 @@ HEADER_CASES = {
     "empty": (lambda d: b"", "too short"),
     "fifteen bytes": (lambda d: d[:15], "too short"),
     "other magic": (lambda d: b"GGUF\x03\x00\x00\x00" + d[8:], "not a .dfmpc file"),
-    "newer version": (lambda d: d[:8] + struct.pack("<H", 4) + d[10:], "format version 4.*upgrade dfmpc-deploy"),
+    "newer version": (lambda d: d[:8] + struct.pack("<H", 5) + d[10:], "format version 5.*upgrade dfmpc-deploy"),
     "older version": (lambda d: d[:8] + struct.pack("<H", 1) + d[10:], "format version 1.*re-pack"),
     "flags": (lambda d: d[:10] + b"\x01\x00" + d[12:], "unknown flags"),
     "huge header length": (lambda d: d[:12] + b"\xff\xff\xff\xff" + d[16:], "outside"),

@@ -25,6 +25,7 @@ from tests.io.helpers import (
     bell_net,
     field_spans,
     forward,
+    join,
     quick_config,
     resign,
     split,
@@ -51,7 +52,7 @@ def test_tiny_round_trip_bit_exact(tiny_models, tmp_path, variant, layout):
     assert path.read_bytes()[:8] == MAGIC
     back = load_packed(path, model=net)
     assert_same_model(mp, back, variant_inputs())
-    assert back.info["format_version"] == P.FORMAT_VERSION == 3 and not back.module.training
+    assert back.info["format_version"] == P.FORMAT_VERSION == 4 and not back.module.training
     assert {L.layout for L in split(path.read_bytes())[0].layers} == {layout, "kbit"}
     if variant == "relu6":
         assert any(q.in_scale is not None for q in back.layers.values())
@@ -59,13 +60,41 @@ def test_tiny_round_trip_bit_exact(tiny_models, tmp_path, variant, layout):
     assert all(not p.is_meta for p in net.parameters())
 
 
+@pytest.mark.parametrize("grid", ["int", "dorefa"])
 @pytest.mark.parametrize("low,high,per_channel", [(2, 6, False), (3, 6, False), (4, 8, True), (2, 2, False),
                                                   (5, 7, True), (2, 6, True)])
-def test_bit_widths_round_trip(tmp_path, low, high, per_channel):
+def test_bit_widths_round_trip(tmp_path, low, high, per_channel, grid):
     net = variant_net("relu6")
-    mp = compensate(net, (3, 16, 16), **quick_config(low, high, per_channel))
+    mp = compensate(net, (3, 16, 16), **quick_config(low, high, per_channel), grid=grid)
+    assert all(q.grid == grid for q in mp.layers.values())
     save_packed(mp, tmp_path / "m.dfmpc")
-    assert_same_model(mp, load_packed(tmp_path / "m.dfmpc", model=net), variant_inputs())
+    back = load_packed(tmp_path / "m.dfmpc", model=net)
+    assert_same_model(mp, back, variant_inputs())
+    h, _ = split((tmp_path / "m.dfmpc").read_bytes())
+    assert all(r.grid == (grid if r.bits > 2 else "dorefa") for r in h.layers)
+    flags = [s for s in field_spans((tmp_path / "m.dfmpc").read_bytes()) if s[0].endswith(".flags")]
+    data = (tmp_path / "m.dfmpc").read_bytes()
+    bit3 = [bool(data[off] & 8) for _, off, _ in flags]
+    assert bit3 == [r.bits > 2 and grid == "int" for r in h.layers], "flag bit 3 marks exactly the int-grid layers"
+    text = inspect_packed(tmp_path / "m.dfmpc").text
+    assert (f" {grid} " in text) == (high > 2)
+
+
+def test_int8_lattice_survives_packing_exactly(tmp_path):
+    """Weights on an int8 lattice: 8-bit int grid -> file -> the same float weights, bit for bit."""
+    net = variant_net("relu")
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                q = torch.randint(-128, 128, m.weight.shape, generator=torch.Generator().manual_seed(m.weight.numel()))
+                q.view(-1)[0] = -128
+                m.weight.copy_(q.float() * torch.tensor(0.0123, dtype=torch.float32))
+    for per_channel in (False, True):
+        mp = compensate(net, (3, 16, 16), **quick_config(8, 8, per_channel), grid="int")
+        save_packed(mp, tmp_path / "m.dfmpc")
+        back = load_packed(tmp_path / "m.dfmpc", model=net)
+        for fqn, q in back.layers.items():
+            assert torch.equal(q.weight(), dict(net.named_modules())[fqn].weight), fqn
 
 
 def test_shared_tiny_net_round_trip(tiny_net, tmp_path):
@@ -269,6 +298,32 @@ def test_version_2_files_still_load():
     assert result.report["packed"] == V2_FILE.stat().st_size
 
 
+V3_FILE = ROOT / "tests" / "io" / "data" / "tiny_relu6_v3.dfmpc"  # written by format 3 (before the grid flag)
+
+
+def test_version_3_files_still_load_as_dorefa():
+    back = load_packed(V3_FILE, model=variant_net("relu6"))
+    assert back.info["format_version"] == 3 and back.arch == "tiny-relu6"
+    six = [q for q in back.layers.values() if q.bits > 2]
+    assert six and all(q.grid == "dorefa" and bool((q.codes % 2 != 0).all()) for q in six)
+    expected = json.loads(V3_FILE.with_name("tiny_relu6_v3_logits.json").read_text())["logits_hex"]
+    torch.testing.assert_close(forward(back.module, variant_inputs()),
+                               torch.tensor([[float.fromhex(v) for v in row] for row in expected]), rtol=0, atol=1e-6)
+    assert inspect_packed(V3_FILE).ok
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_older_versions_refuse_the_grid_flag(tiny_models, tmp_path, version):
+    """A format 2/3 file has no grid flag: bit 3 there is refused, as those readers refused it."""
+    _, mp = tiny_models["relu6"]
+    save_packed(mp, tmp_path / "m.dfmpc")
+    h, payload = split((tmp_path / "m.dfmpc").read_bytes())
+    assert any(r.grid == "int" for r in h.layers)
+    (tmp_path / "old.dfmpc").write_bytes(join(dataclasses.replace(h, version=version, input=None), payload))
+    with pytest.raises(BadFileError, match="bad flags 0x0[a-f0-9]"):
+        load_packed(tmp_path / "old.dfmpc", model=variant_net("relu6"))
+
+
 def test_input_spec_is_recorded(tiny_models, tmp_path):
     net, mp = tiny_models["relu6"]
     spec = InputSpec((3, 16, 16), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), resize=18)
@@ -278,7 +333,7 @@ def test_input_spec_is_recorded(tiny_models, tmp_path):
     a, b = (tmp_path / "a.dfmpc").stat().st_size, (tmp_path / "b.dfmpc").stat().st_size
     assert a == b + 56 == packed_nbytes(with_input) and b == packed_nbytes(mp)
     back = load_packed(tmp_path / "a.dfmpc", model=net)
-    assert back.input == spec and back.info["format_version"] == 3  # float64 mean/std: bit-exact
+    assert back.input == spec and back.info["format_version"] == 4  # float64 mean/std: bit-exact
     assert load_packed(tmp_path / "b.dfmpc", model=net).input is None
     assert "input: 3x16x16, mean 0.4914, 0.4822, 0.4465, std 0.2023, 0.1994, 0.201, resize 18" in \
         inspect_packed(tmp_path / "a.dfmpc").text

@@ -90,6 +90,9 @@ def test_documented_examples():
     layout, data = encode_codes(q, 6)
     assert layout == CodeLayout.KBIT and data.tolist() == [0x81, 0x30, 0xFC]
     assert encode_codes(np.array(codes), 2)[1].tolist() == [0xC8, 0x06]
+    q_int = np.array([1, 2, 3, 63]) - 32  # the int codes behind the same m: m = q + 2^(k-1)
+    assert q_int.tolist() == [-31, -30, -29, 31]
+    assert encode_codes(q_int, 6, grid="int")[1].tolist() == [0x81, 0x30, 0xFC]
 
 
 @pytest.mark.parametrize("pack,unpack", [(pack_ternary_base3, unpack_ternary_base3), (pack_ternary2, unpack_ternary2),
@@ -246,3 +249,46 @@ def test_unpack_resnet50_sized_codes_is_fast():
         decode_codes("kbit", 6, six, 14_185_664)
         best = min(best, time.perf_counter() - t)
     assert best < 0.5, f"decoding ResNet-50-sized codes took {best:.3f} s"
+
+
+# ------------------------------------------------------------------------------------------------ the int grid
+
+
+@pytest.mark.parametrize("bits", range(3, 9))
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 257, 1009])
+@pytest.mark.parametrize("compress", [False, True])
+def test_int_grid_codes_round_trip_exactly(bits, n, compress):
+    half = 1 << (bits - 1)
+    rng = np.random.default_rng(bits * 1000 + n)
+    codes = rng.integers(-half, half, n).astype(np.int16)
+    codes[0] = -half  # the two's complement minimum, e.g. -128 at 8 bits
+    if n > 1:
+        codes[1] = half - 1
+    if compress:  # bell-shaped codes, so deflate wins where the payload is long enough
+        codes[2:] = np.clip(np.round(rng.normal(0, half / 6, n - 2)), -half, half - 1) if n > 2 else codes[2:]
+    layout, data = encode_codes(codes, bits, compress=compress, grid="int")
+    assert layout in layouts_for_bits(bits)
+    if layout == CodeLayout.KBIT:
+        assert data.size == layout_nbytes(CodeLayout.KBIT, bits, n) == code_nbytes(bits, n)
+        assert np.array_equal(unpack_kbit(data, bits, n), (codes + half).astype(np.uint8)), "m = q + 2^(k-1)"
+    back = decode_codes(layout, bits, data, n, "int")
+    assert back.dtype == np.int16 and np.array_equal(back, codes)
+    assert np.array_equal(np.concatenate(list(iter_codes(layout, bits, data, n, chunk=3, grid="int"))), codes)
+
+
+@pytest.mark.parametrize("bits", [3, 6, 8])
+def test_int_grid_refuses_codes_out_of_range(bits):
+    half = 1 << (bits - 1)
+    for bad in ([half], [-half - 1]):
+        with pytest.raises(ValueError, match=f"{bits}-bit int codes must lie in \\[-{half}, {half - 1}\\]"):
+            encode_codes(np.array(bad, np.int16), bits, grid="int")
+    with pytest.raises(ValueError, match="grid 'uniform'"):
+        encode_codes(np.zeros(3, np.int16), bits, grid="uniform")
+
+
+def test_the_same_payload_reads_as_either_grid():
+    """The grid only maps m to codes: a DoReFa payload read as int is a different (shifted) set of codes."""
+    q = np.array([-63, -1, 1, 63], np.int16)
+    layout, data = encode_codes(q, 6)
+    assert decode_codes(layout, 6, data, 4, "dorefa").tolist() == q.tolist()
+    assert decode_codes(layout, 6, data, 4, "int").tolist() == [-32, -1, 0, 31]

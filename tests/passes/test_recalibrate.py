@@ -69,7 +69,8 @@ def test_error_feedback_in_one_walk_equals_the_layer_by_layer_procedure():
         h.remove()
         hm = input_second_moment(mods[name], seen[0])
         mults = {} if q.role == Role.LOW else {"multipliers": (1.0,)}
-        codes, scale, _ = best_grid_codes(fp[name].weight.flatten(1), hm, q.scale, q.bits, **mults)
+        codes, scale, _ = best_grid_codes(fp[name].weight.flatten(1), hm, q.scale, q.bits, grid=q.grid,
+                                          **mults)
         q.codes, q.scale = codes.reshape(q.codes.shape).to(q.codes.dtype), scale
         with torch.no_grad():
             mods[name].weight.copy_(q.weight())

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dfmpc_deploy.core.quantizers import quantize_weight
+from dfmpc_deploy.core.quantizers import code_range, quantize_weight
 from dfmpc_deploy.passes.rounding import (
     best_grid_codes,
     direction_error,
@@ -68,16 +68,16 @@ def test_blocked_float32_matches_the_float64_reference(bits, seed):
     assert e_fast <= 1.01 * e_ref, f"output error {e_fast:.5g} vs reference {e_ref:.5g}"
 
 
-@pytest.mark.parametrize("bits", [2, 3])
-def test_error_feedback_beats_nearest_rounding_in_output_error(bits):
+@pytest.mark.parametrize("bits,grid", [(2, "int"), (3, "dorefa"), (3, "int")])
+def test_error_feedback_beats_nearest_rounding_in_output_error(bits, grid):
     w, h = _problem(5, rows=32, k=90)
-    codes_n, scale = quantize_weight(w, bits)
+    codes_n, scale = quantize_weight(w, bits, grid=grid)
     u, _ = inverse_factor(h)
-    fast = gptq_codes(w, u, scale, bits)
+    fast = gptq_codes(w, u, scale, bits, grid=grid)
     assert _out_err(fast, scale, w, h) < 0.8 * _out_err(codes_n.flatten(1).float(), scale, w, h)
-    lo, hi = (-1, 1) if bits == 2 else (-(2 ** bits - 1), 2 ** bits - 1)
+    lo, hi = code_range(bits, grid)
     assert fast.min() >= lo and fast.max() <= hi and torch.equal(fast, fast.round())
-    if bits > 2:
+    if bits > 2 and grid == "dorefa":
         assert bool(((fast + 2 ** bits - 1) % 2 == 0).all()), "DoReFa codes must stay odd"
 
 

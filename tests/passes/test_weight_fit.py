@@ -31,8 +31,8 @@ def test_fit_layer_never_increases_the_rescaled_weight_error_and_keeps_the_grid(
     torch.manual_seed(0)
     w = torch.randn(16, 8, 3, 3) * torch.exp(torch.randn(16, 1, 1, 1))
     w[0, 0, 0, 0] = 25.0  # an outlier: clipping pays off per tensor
-    codes, scale = quantize_weight(w, 4)
-    q = QuantLayer("l", "conv", "high", 4, codes, scale)
+    codes, scale = quantize_weight(w, 4, grid="dorefa")  # DoReFa has no clipping of its own
+    q = QuantLayer("l", "conv", "high", 4, codes, scale, grid="dorefa")
     new_codes, new_scale, m, c = fit_layer(w, q)
 
     def resid(cd, sc, cc):
@@ -42,6 +42,18 @@ def test_fit_layer_never_increases_the_rescaled_weight_error_and_keeps_the_grid(
     assert resid(new_codes, new_scale, c) < resid(codes, scale, torch.ones(16)) * 0.9
     assert torch.equal(new_scale, new_scale[0].expand(16)), "per-tensor grid stays per tensor"
     assert int(new_codes.abs().max()) <= 15 and (new_codes % 2 != 0).all(), "DoReFa codes are odd integers"
+
+
+def test_fit_layer_on_the_int_grid_keeps_int_codes_and_never_increases_the_weight_error():
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3) * torch.exp(torch.randn(16, 1, 1, 1))
+    w[0, 0, 0, 0] = 25.0
+    codes, scale = quantize_weight(w, 4, grid="int")  # its step is already chosen by weight error
+    q = QuantLayer("l", "conv", "high", 4, codes, scale, grid="int")
+    new_codes, new_scale, m, _ = fit_layer(w, q)
+    err = float((w - new_codes.float() * new_scale.reshape(-1, 1, 1, 1)).pow(2).sum())
+    assert err <= float((w - codes.float() * scale.reshape(-1, 1, 1, 1)).pow(2).sum())
+    assert int(new_codes.min()) >= -8 and int(new_codes.max()) <= 7 and bool((new_codes == 0).any())
 
 
 def _two_layer() -> nn.Module:
@@ -108,12 +120,12 @@ def test_bias_from_weights_brings_the_output_mean_back(windows):
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_dfmpc_without_statistics_falls_back_to_dfmpc_weights_and_beats_rtn(per_channel):
     net = tiny_ir(nn.ReLU, folded=True)
-    mp = compensate(net, SHAPE, "dfmpc", bits="3", per_channel=per_channel)
+    mp = compensate(net, SHAPE, "dfmpc", bits="3", per_channel=per_channel, grid="dorefa")
     run = mp.config
     assert run.recipe == "dfmpc-weights" and run.bn_status == "identity"
     assert "runs as dfmpc-weights" in run.overrides[0]
     assert ("skipped" in run.record("equalize").info) == per_channel  # CLE only for per-tensor grids
-    rtn = compensate(net, SHAPE, "rtn", bits="3", per_channel=per_channel)
+    rtn = compensate(net, SHAPE, "rtn", bits="3", per_channel=per_channel, grid="dorefa")
     x = smooth_inputs(128)
     e_mp, e_rtn = _err(mp.module, net, x), _err(rtn.module, net, x)
     assert e_mp < 0.5 * e_rtn, f"dfmpc-weights {e_mp:.4f} vs rtn {e_rtn:.4f}"

@@ -184,9 +184,19 @@ def test_sizes_flat_form():
 def test_bits_display_and_from_rows(full_report):
     assert Bits(low=2, high=6, mixed=False, avg_code_bits=3.9).display() == "2/6"
     assert str(Bits(low=2, high=6, mixed=True, avg_code_bits=3.9712)) == "mixed 2..6 (3.97 bits/weight)"
-    assert Bits(low=3, high=6, mixed=False, avg_code_bits=5.0).low_name == "3-bit DoReFa"
+    assert Bits(low=3, high=6, mixed=False, avg_code_bits=5.0).low_name == "3-bit DoReFa"  # no grid: before --grid
     # the real ResNet-20 file: 24426 + 109668 code bytes for 268336 weights
     assert full_report.bits.avg_code_bits == round(8 * (24426 + 109668) / 268336, 4)
+
+
+@pytest.mark.parametrize("grid,name", [("int", "int"), ("dorefa", "DoReFa")])
+def test_bits_name_the_grid(grid, name):
+    b = Bits(low=2, high=6, mixed=False, avg_code_bits=3.9, grid=grid)
+    assert (b.display(), b.low_name, b.high_name) == (f"2/6 {name}", "ternary", f"6-bit {name}")
+    assert Bits.from_dict(b.to_dict()) == b and b.to_dict()["grid"] == grid
+    assert "grid" not in Bits(low=2, high=6, mixed=False, avg_code_bits=3.9).to_dict()  # old reports still read
+    assert str(Bits(low=3, high=8, mixed=True, avg_code_bits=4.5, grid=grid)) == f"mixed 3..8 {name} (4.50 bits/weight)"
+    assert Bits(low=2, high=2, mixed=False, avg_code_bits=1.6, grid=grid).display() == "2/2"  # ternary only
 
 
 def test_section_from_dict():
