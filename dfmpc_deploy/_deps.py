@@ -3,11 +3,19 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from types import ModuleType
 
 from .errors import MissingDependencyError
 
-__all__ = ["require", "available"]
+__all__ = ["require", "available", "quiet_onnxruntime"]
+
+
+def quiet_onnxruntime() -> None:
+    """Before ONNX Runtime is imported: turn off its usage telemetry, which otherwise writes a device id and a usage
+    database under ``~/.cache/Microsoft/DeveloperTools/.onnxruntime`` (outside ``--out``) at import. A value the user
+    set is kept."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 def available(module: str) -> bool:
@@ -25,6 +33,8 @@ def require(module: str, extra: str) -> ModuleType:
         module: dotted module name, e.g. ``"onnxruntime"``.
         extra: the dfmpc-deploy extra that installs it, e.g. ``"ort"``.
     """
+    if module.split(".")[0] == "onnxruntime":
+        quiet_onnxruntime()
     try:
         return importlib.import_module(module)
     except ImportError as err:

@@ -7,7 +7,6 @@ checks and locks ``--out`` before any work).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from . import report as R
-from .core.config import InputSpec
+from .core.config import InputSpec, normalization_problem
 from .core.graph import GraphAnalysis
-from .core.options import int_in, option, options_of, positive_int, split_values
+from .core.options import float32_problem, int_in, option, options_of, positive_int, split_values
 from .deploy.targets import run_targets
 from .errors import DfmpcError, UsageError
 from .io.container import fp32_nbytes, save_packed
@@ -49,8 +48,12 @@ def _floats3(text: str) -> tuple[float, float, float]:
         vals = tuple(float(v) for v in split_values(text, "R,G,B"))
     except ValueError:
         vals = ()
-    if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
-        raise UsageError(f"'{text}' is not three finite comma-separated numbers, e.g. 0.485,0.456,0.406")
+    if len(vals) != 3:
+        raise UsageError(f"'{text}' is not three comma-separated numbers, e.g. 0.485,0.456,0.406")
+    for v in vals:
+        why = float32_problem(v)
+        if why:
+            raise UsageError(f"'{text}': {v!r} {why}")
     return vals
 
 
@@ -121,15 +124,39 @@ class BuildConfig:
         elif self.input_shape is None or self.mean is None or self.std is None:
             raise UsageError(f"building your own module '{self.model}' needs input_shape=(C, H, W) and the mean and "
                              f"std of its input normalisation (they are recorded in model.dfmpc)")
+        if self.module is None and (self.mean is not None or self.std is not None):
+            spec = models.get_spec(self.model)
+            why = normalization_problem(self.mean or spec.mean, self.std or spec.std)
+            if why:
+                raise UsageError(f"bad --mean/--std: {why}")
         if self.method not in RECIPES:
             raise UsageError(f"bad --method '{self.method}': choose one of {', '.join(RECIPES)}")
         object.__setattr__(self, "targets", parse_targets(self.targets, TARGET_CHOICES))
         object.__setattr__(self, "batch_sizes", parse_batch_sizes(self.batch_sizes))
+        if self.compress and not self.pack:
+            raise UsageError("--compress compresses model.dfmpc, which --no-pack does not write: drop one of them")
+        self._check_memory()
         if self.device not in DEVICE_CHOICES:
             raise UsageError(f"bad --device '{self.device}': choose one of {', '.join(DEVICE_CHOICES)}")
         if self.data is not None and not isinstance(self.data, DataSpec):
             object.__setattr__(self, "data", parse_data_spec(str(self.data)))
         object.__setattr__(self, "out", Path(self.out))
+
+
+    def _check_memory(self) -> None:
+        """The largest --batch-sizes and --synth-samples must fit in memory (one line now, not the allocator's
+        traceback later)."""
+        from .zoo.images import BACKWARD_FACTOR, FORWARD_FACTOR, check_flag_memory
+
+        if self.module is not None:
+            shape = tuple(self.input_shape or (3, 224, 224))
+        else:
+            size = models.get_spec(self.model).input_size
+            shape = (3, size, size)
+        check_flag_memory("--batch-sizes", max(self.batch_sizes), shape, FORWARD_FACTOR)
+        samples = self.settings.get("synth_samples") if isinstance(self.settings, Mapping) else None
+        if isinstance(samples, int):
+            check_flag_memory("--synth-samples", samples, shape, BACKWARD_FACTOR)
 
 
 def parse_targets(values, choices: tuple[str, ...]) -> tuple[str, ...]:

@@ -10,28 +10,46 @@ its traceback, because it is a bug. Ctrl-C exits 130, SIGTERM 143; neither leave
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+import threading
 
-from . import __version__
-from .build import BuildConfig, run_build
-from .core.options import add_arguments, options_of
-from .core.progress import Progress
-from .errors import BadFileError, DfmpcError, UsageError
-from .io.container import inspect_packed
-from .io.outdir import interrupt_status, terminate_as_interrupt
-from .packed import EvalConfig, ExportConfig, run_eval, run_export, top_line
-from .passes.recipes import PASS_CLASSES, RECIPES
-from .replay import replay
-from .report import report_json
-from .report.export import ExportReport, export_report_json
-from .sweep.command import add_parser as add_sweep_parser
-from .zoo.models import REGISTRY
+
+def _startup_sigint(signum, frame) -> None:  # a Ctrl-C while the heavy modules import: acted on once main() runs
+    _SIGINT.append(signum)
+
+
+_SIGINT: list[int] = []
+# Only the command line itself defers Ctrl-C during its ~5 s of imports (torch): a KeyboardInterrupt raised inside an
+# import is a traceback, or is swallowed by a library's ``except`` and the build runs on to exit 0. A program that
+# merely imports this module keeps Python's own handler.
+if (os.path.basename(sys.argv[0] if sys.argv else "") in ("dfmpc-deploy", "__main__.py")
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+    signal.signal(signal.SIGINT, _startup_sigint)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .build import BuildConfig, run_build  # noqa: E402
+from .core.options import add_arguments, options_of  # noqa: E402
+from .core.progress import Progress  # noqa: E402
+from .errors import BadFileError, DfmpcError, UsageError, one_line  # noqa: E402
+from .io.container import inspect_packed  # noqa: E402
+from .io.files import emit, os_error_line  # noqa: E402
+from .io.outdir import interrupt_status, terminate_as_interrupt  # noqa: E402
+from .packed import EvalConfig, ExportConfig, run_eval, run_export, top_line  # noqa: E402
+from .passes.recipes import PASS_CLASSES, RECIPES  # noqa: E402
+from .replay import replay  # noqa: E402
+from .report import report_json  # noqa: E402
+from .report.export import ExportReport, export_report_json  # noqa: E402
+from .sweep.command import add_parser as add_sweep_parser  # noqa: E402
+from .zoo.models import REGISTRY  # noqa: E402
 
 __all__ = ["main", "SUBCOMMANDS"]
 
@@ -70,7 +88,7 @@ def _cmd_build(args) -> int:
     import dataclasses
 
     given = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and k != "from_report"}
-    warn = lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    warn = lambda m: print(f"warning: {one_line(m, 1000)}", file=sys.stderr, flush=True)  # noqa: E731
     if args.from_report is not None:
         extra = [f"--{k.replace('_', '-')}" for k in given if k not in ("model", "out", "force")]
         if args.model is not None or extra:
@@ -91,9 +109,9 @@ def _cmd_build(args) -> int:
 
 def _print_build(args, rep, out: Path) -> int:
     if args.json:
-        print(report_json(rep))
+        emit(report_json(rep))
     elif not args.quiet:
-        print(_summary(rep, Path(out)))
+        emit(_summary(rep, Path(out)))
     return 0
 
 
@@ -118,9 +136,12 @@ def _add_models(sub) -> None:
 
 
 def _cmd_models(args) -> int:
-    for name in sorted(REGISTRY):
-        s = REGISTRY[name]
-        print(f"{name:<26} {s.input_size:>3}px {s.num_classes:>5} classes  {s.source}")
+    specs = [REGISTRY[name] for name in sorted(REGISTRY)]
+    if args.json:
+        emit(json.dumps([{"name": s.name, "input_size": s.input_size, "num_classes": s.num_classes,
+                          "source": s.source} for s in specs], indent=2))
+    elif not args.quiet:
+        emit("\n".join(f"{s.name:<26} {s.input_size:>3}px {s.num_classes:>5} classes  {s.source}" for s in specs))
     return 0
 
 
@@ -133,15 +154,15 @@ def _add_inspect(sub) -> None:
 
 
 def _cmd_inspect(args) -> int:
-    """Print the check of every byte of the file; exit 1 if anything is bad. A reader that closes the pipe early
-    (``inspect ... | head -1``) ends the output quietly; the exit status still says whether the file is valid."""
-    import os
-
+    """Print the check of every byte of the file (``--json``: ``{"file", "ok", "problems", "size"}``; ``-q``: only
+    the exit status); exit 1 if anything is bad. A reader that closes the pipe early (``inspect ... | head -1``) ends
+    the output quietly; the exit status still says whether the file is valid."""
     result = inspect_packed(args.file)
-    try:
-        print(result.text, flush=True)
-    except BrokenPipeError:  # silence the interpreter's own flush of the closed stdout at exit
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if args.json:
+        emit(json.dumps({"file": str(args.file), "ok": result.ok, "problems": list(result.problems),
+                         "size": result.report}, indent=2, allow_nan=False))
+    elif not args.quiet:
+        emit(result.text)
     if not result.ok:
         raise BadFileError(f"{args.file}: {len(result.problems)} problem(s), the first: {result.problems[0]}")
     return 0
@@ -171,9 +192,9 @@ def _cmd_export(args) -> int:
     with Progress(enabled=None if not args.quiet else False) as prog:
         rep = run_export(cfg, prog)
     if args.json:
-        print(export_report_json(rep), end="")
+        emit(export_report_json(rep), end="")
     elif not args.quiet:
-        print(_export_summary(rep, cfg.out))
+        emit(_export_summary(rep, cfg.out))
     failed = [k for k, p in rep.parity.items() if p.ok is False]
     if failed:
         raise DfmpcError(f"parity check FAILED for {', '.join(failed)} (max abs diff "
@@ -209,9 +230,9 @@ def _cmd_eval(args) -> int:
     with Progress(enabled=None if not args.quiet else False) as prog:
         result = run_eval(cfg, prog)
     if args.json:
-        print(json.dumps({k: result[k] for k in ("top1", "top5", "n")}, allow_nan=False))
+        emit(json.dumps({k: result[k] for k in ("top1", "top5", "n")}, allow_nan=False))
     elif not args.quiet:
-        print(top_line(result, cfg))
+        emit(top_line(result, cfg))
     return 0
 
 
@@ -236,29 +257,81 @@ def _parser() -> argparse.ArgumentParser:
 def _common() -> argparse.ArgumentParser:
     c = argparse.ArgumentParser(add_help=False)
     c.add_argument("--quiet", "-q", action="store_true", help="no progress or summary output")
-    c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    c.add_argument("--json", action="store_true", help="print the result as JSON on stdout (nothing else goes there)")
     c.add_argument("--verbose", "-v", action="store_true", help="log each stage")
     return c
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 user error, 2 usage error, 130 SIGINT, 143 SIGTERM)."""
-    parser = _parser()
+def _on_sigint(signum, frame) -> None:
+    _SIGINT.append(signum)
+    raise KeyboardInterrupt
+
+
+def _error(text: str) -> None:
+    """The one line of a failed command on stderr (flattened, escapes shown, never raising)."""
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as done:  # --help, --version (0) or a malformed command line (2, usage already printed)
-        return int(done.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+        print(f"error: {one_line(text, 1000)}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 1 user error, 2 usage error, 130 SIGINT, 143 SIGTERM).
+
+    Every error is one line: a :class:`DfmpcError`, an ``OSError`` the commands did not name themselves (a path too
+    long, a full disk, a closed stdout: :func:`~dfmpc_deploy.io.files.os_error_line`) and a ``MemoryError``. A
+    Ctrl-C at any time, the startup imports included, exits 130 and is never swallowed: a run that saw one does not
+    exit 0.
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_sigint = signal.getsignal(signal.SIGINT) if main_thread else None
+    if main_thread and old_sigint in (signal.default_int_handler, _startup_sigint):
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        code = _main(argv)
+    finally:
+        if main_thread and old_sigint in (signal.default_int_handler, _startup_sigint):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _SIGINT and code == 0:  # a library swallowed the KeyboardInterrupt: the run still was interrupted
+        print("interrupted (SIGINT)", file=sys.stderr)
+        code = 130
+    _SIGINT.clear()
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     with terminate_as_interrupt():  # SIGTERM/SIGHUP -> Terminated (a KeyboardInterrupt): same cleanup as Ctrl-C
         try:
-            return args.func(args)
-        except UsageError as err:
-            parser.print_usage(sys.stderr)
-            print(f"{parser.prog}: error: {err}", file=sys.stderr)
-            return err.exit_code
+            if _SIGINT:
+                raise KeyboardInterrupt
+            parser = _parser()
+            try:
+                args = parser.parse_args(argv)
+            except SystemExit as done:  # --help, --version (0) or a malformed command line (2, usage printed)
+                return int(done.code or 0)
+            logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+            try:
+                return args.func(args)
+            except UsageError as err:
+                parser.print_usage(sys.stderr)
+                print(f"{parser.prog}: error: {one_line(str(err), 1000)}", file=sys.stderr)
+                return err.exit_code
         except DfmpcError as err:
-            print(f"error: {err}", file=sys.stderr)
+            _error(str(err))
             return err.exit_code
+        except OSError as err:  # the environment, not a bug: ENAMETOOLONG, ENOSPC, EACCES, EIO, ...
+            _error(os_error_line(err))
+            return 1
+        except RuntimeError as err:  # torch's allocator: "DefaultCPUAllocator: can't allocate memory", CUDA OOM
+            if not any(w in str(err) for w in ("can't allocate memory", "out of memory", "not enough memory")):
+                raise
+            _error(f"not enough memory for this command ({one_line(str(err), 160)}); use smaller batch sizes or "
+                   f"fewer samples; nothing was written")
+            return 1
+        except MemoryError:
+            _error("not enough memory for this command (the input is too large for this machine, or a memory "
+                   "limit is set); nothing was written")
+            return 1
         except KeyboardInterrupt as err:
             name, code = interrupt_status(err)  # 130 SIGINT, 143 SIGTERM, 129 SIGHUP
             print(f"interrupted ({name}): nothing was written", file=sys.stderr)
@@ -269,13 +342,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entrypoint() -> None:
     """Console entry: exit with :func:`main`'s code. After an interrupt the code is final (130 / 143, the cleanup
     done): the process leaves at once (``os._exit`` after flushing), so that nothing in interpreter shutdown (library
-    threads, a signal still pending there) can turn it into a death by signal."""
+    threads, a signal still pending there) can turn it into a death by signal. A stdout that cannot take the last
+    buffered bytes (a closed pipe, a full disk) is silenced instead of failing again at exit."""
+    from .io.files import silence_stdout
+
     code = main()
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        silence_stdout()
+        if code == 0:
+            _error("cannot write the output to stdout")
+            code = 1
     if code in (129, 130, 143):
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
         os._exit(code)
     sys.exit(code)

@@ -1,7 +1,7 @@
 """Exceptions. A :class:`DfmpcError` is a user error: the CLI prints its one-line message and exits 1."""
 from __future__ import annotations
 
-__all__ = ["DfmpcError", "MissingDependencyError", "UsageError", "BadFileError"]
+__all__ = ["DfmpcError", "MissingDependencyError", "UsageError", "BadFileError", "one_line"]
 
 
 class DfmpcError(Exception):
@@ -22,3 +22,14 @@ class MissingDependencyError(DfmpcError):
 
 class BadFileError(DfmpcError):
     """A packed model file is corrupt, truncated, of an unknown version or otherwise unreadable."""
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` as one terminal-safe line: line breaks joined with ``" / "``, other control characters (terminal
+    escape sequences included) escaped, at most ``limit`` characters. Every message the CLI prints goes through it,
+    so a library's multi-line message or a file name holding ``ESC[2J`` cannot break or clear the screen."""
+    parts = [p.strip() for p in str(text).replace("\r", "\n").split("\n") if p.strip()]
+    flat = " / ".join(parts)
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                  for c in flat)
+    return out if len(out) <= limit else out[: limit - 3] + "..."

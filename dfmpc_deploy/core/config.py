@@ -8,7 +8,7 @@ from enum import Enum
 
 from ..errors import UsageError
 
-__all__ = ["WeightFormat", "BitsSpec", "parse_bits", "InputSpec", "MAX_INPUT_SIDE"]
+__all__ = ["WeightFormat", "BitsSpec", "parse_bits", "InputSpec", "MAX_INPUT_SIDE", "normalization_problem"]
 
 #: largest input channel count / side an :class:`InputSpec` (and a ``.dfmpc`` file's input block) accepts
 MAX_INPUT_SIDE = 65535
@@ -60,6 +60,40 @@ def parse_bits(text: str) -> BitsSpec:
     return BitsSpec(low, int(m.group(2)) if m.group(2) is not None else low)
 
 
+#: the largest normalised input magnitude accepted: real normalisations give a few units; beyond this the network's
+#: float32 activations overflow (a --std of 1e-30 maps a pixel to 1e30)
+MAX_NORMALIZED_INPUT = 1e6
+
+
+def normalization_problem(mean, std) -> str | None:
+    """Why ``(x - mean) / std`` for pixels ``x`` in [0, 1] is no usable float32 input, or None: each of the three
+    means and stds must be finite in float32, each std > 0 and normal, and every normalised pixel finite in float32
+    and at most :data:`MAX_NORMALIZED_INPUT` in magnitude."""
+    import numpy as np
+
+    from .options import float32_problem
+
+    mean, std = tuple(mean), tuple(std)
+    if len(mean) != 3 or len(std) != 3:
+        return "need three values each (R,G,B)"
+    for name, vals in (("mean", mean), ("std", std)):
+        for v in vals:
+            why = float32_problem(float(v))
+            if why:
+                return f"{name} {v!r} {why}"
+    if min(std) <= 0:
+        return f"std {min(std)!r} must be > 0"
+    m, sd = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    with np.errstate(all="ignore"):
+        ends = np.concatenate([(np.float32(0) - m) / sd, (np.float32(1) - m) / sd])
+    worst = float(np.abs(ends).max())
+    if not math.isfinite(worst) or worst > MAX_NORMALIZED_INPUT:
+        return (f"mean {list(mean)} / std {list(std)} map pixels in [0, 1] to values up to {worst:.3g} in magnitude "
+                f"(float32 inputs beyond {MAX_NORMALIZED_INPUT:.0e} overflow the network); use a std near the "
+                f"pixels' spread, e.g. 0.229,0.224,0.225")
+    return None
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What one model input is: its shape and the normalisation of its pixels (recorded in ``.dfmpc`` files).
@@ -82,9 +116,9 @@ class InputSpec:
         shape, mean, std = tuple(self.shape), tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
         if len(shape) != 3 or not all(isinstance(d, int) and 1 <= d <= MAX_INPUT_SIDE for d in shape):
             raise ValueError(f"input shape {list(shape)}: need (C, H, W), each 1..{MAX_INPUT_SIDE}")
-        if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
-            raise ValueError(f"input normalisation mean {list(mean)} / std {list(std)}: need three finite numbers "
-                             f"each, std > 0")
+        why = normalization_problem(mean, std)
+        if why:
+            raise ValueError(f"input normalisation mean {list(mean)} / std {list(std)}: {why}")
         if self.resize is not None and not (isinstance(self.resize, int) and 1 <= self.resize <= MAX_INPUT_SIDE):
             raise ValueError(f"input resize {self.resize!r}: need None or 1..{MAX_INPUT_SIDE}")
         object.__setattr__(self, "shape", shape)

@@ -18,7 +18,8 @@ from typing import Any
 from ..errors import UsageError
 
 __all__ = ["option", "option_like", "flag_of", "options_of", "add_arguments", "split_values",
-           "finite_float", "positive_int", "nonnegative_int", "positive_float", "int_in", "float_in", "require_finite"]
+           "finite_float", "float32_problem", "positive_int", "nonnegative_int", "positive_float", "int_in",
+           "float_in", "require_finite"]
 
 
 def option(default: Any = dataclasses.MISSING, *, flag: str | None = None, help: str = "",
@@ -136,14 +137,33 @@ def split_values(values: Sequence[str] | str, what: str = "value") -> list[str]:
     return out
 
 
+#: float32's largest finite value and smallest normal one: a flag's value is used in float32 arithmetic, where a value
+#: finite in float64 (1e39) is infinite and a tiny one (1e-45) is denormal or 0 (dividing by it gives infinity)
+F32_MAX = 3.4028234663852886e38
+F32_TINY = 1.1754943508222875e-38
+
+
+def float32_problem(v: float) -> str | None:
+    """Why ``v`` is no usable float32 value (NaN, infinite, beyond float32's range, or non-zero below its smallest
+    normal value), or None."""
+    if not math.isfinite(v):
+        return "is not a finite number"
+    if abs(v) > F32_MAX:
+        return f"is beyond float32's range (|x| <= {F32_MAX:.4g}), where it would be infinite"
+    if v != 0 and abs(v) < F32_TINY:
+        return f"is below float32's smallest normal value ({F32_TINY:.4g}), where it is denormal or 0"
+    return None
+
+
 def finite_float(text: str) -> float:
-    """A float that is neither NaN nor infinite."""
+    """A float that is finite in float32 (see :func:`float32_problem`)."""
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    why = float32_problem(v)
+    if why:
+        raise argparse.ArgumentTypeError(f"'{text}' {why}")
     return v
 
 
@@ -200,7 +220,7 @@ def float_in(lo: float, hi: float) -> Callable[[str], float]:
 
 def require_finite(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
     """Raise UsageError unless ``value`` is a finite number within ``[lo, hi]`` (config ``__post_init__`` checks)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and float32_problem(float(value)) is None
     ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
     if not ok:
         rng = f" in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"

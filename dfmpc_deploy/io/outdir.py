@@ -345,8 +345,13 @@ def _acquire_lock(target: Path, given: str) -> int:
         except FileNotFoundError:
             current = None
         if current is not None and os.path.samestat(os.fstat(fd), current):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as err:  # a full disk (ENOSPC), a quota: leave no lock file behind
+                _release_lock(target, fd)
+                raise _fail(given, f"cannot be locked: cannot write '{path}' ({err.strerror}); free some space or "
+                                   f"choose another --out") from None
             return fd
         os.close(fd)
     raise _fail(given, f"cannot be locked: '{path}' keeps being replaced; choose another --out")

@@ -85,8 +85,9 @@ def check_layer_scales(bits: int, scale: torch.Tensor, in_scale: torch.Tensor | 
     """The scales of one layer must give finite float32 weights for every code the layer can hold.
 
     Rules: ``scale`` and ``in_scale`` finite; ``(2^bits - 1) * max|scale| * max|in_scale|`` (1 for ternary) at most
-    half the float32 maximum (no weight, however it is rounded, overflows); and not every scale 0 unless every code
-    is 0 (else the layer silently outputs zeros: a failed quantizer). ``codes_all_zero`` is called only then.
+    half the float32 maximum (no weight, however it is rounded, overflows); and, for ternary layers, not every scale 0
+    unless every code is 0 (else the layer silently outputs zeros: a failed quantizer). A k-bit layer of all-zero
+    scales is a pruned layer (its grid of odd codes has no zero). ``codes_all_zero`` is called only then.
     """
     check_finite(scale, f"{what}: the scale", exc, fix)
     if in_scale is not None:
@@ -98,7 +99,9 @@ def check_layer_scales(bits: int, scale: torch.Tensor, in_scale: torch.Tensor | 
         if peak > _MAX_WEIGHT:
             raise exc(f"{what}: scales up to {float(scale.abs().max()):.3g} make weights up to {peak:.3g}, beyond "
                       f"float32{fix}")
-        if not bool(scale.any()) and not codes_all_zero():
+        # A pruned layer (every weight 0) is legitimate. Ternary codes hold it as all-zero codes; the k-bit grid has no
+        # zero level (odd codes), so there it is every scale 0, whatever the codes.
+        if bits == 2 and not bool(scale.any()) and not codes_all_zero():
             raise exc(f"{what}: every scale is 0 but the codes are not all zero, so the layer outputs zeros{fix}")
 
 

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..errors import BadFileError
+from ..errors import BadFileError, DfmpcError, one_line
+from .files import check_not_sparse, file_kind
 from .header import (
     DIGEST_BYTES,
     PREAMBLE_BYTES,
@@ -31,15 +32,6 @@ REPACK = "; the file is corrupt: re-pack the model"
 
 # ---------------------------------------------------------------------------------------------------- reading
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 class PackedFile:
     """An open ``.dfmpc`` file whose header has been read and validated (context manager; closes the descriptor)."""
 
@@ -54,8 +46,9 @@ class PackedFile:
         try:
             st = os.fstat(self.fd)
             if not stat.S_ISREG(st.st_mode):
-                raise BadFileError(f"{self.source} is {_kind(st.st_mode)}, not a regular file; give the path of a "
-                                   f".dfmpc file")
+                raise BadFileError(f"{self.source} is {file_kind(st.st_mode)}, not a regular file; give the path of "
+                                   f"a .dfmpc file")
+            self.stat, self.path = st, path
             self.size = st.st_size
             head = self._read(min(PREAMBLE_BYTES, self.size))
             n = parse_preamble(head, self.size, self.source)
@@ -81,7 +74,12 @@ class PackedFile:
         return buf
 
     def read_payload(self) -> memoryview:
-        """The three sections, read exactly (the header has already matched them to the file size)."""
+        """The three sections, read exactly (the header has already matched them to the file size). A sparse file
+        is refused first: its declared sizes fit its length, but its holes would be allocated as zeros."""
+        try:
+            check_not_sparse(self.stat, "packed model", self.path)
+        except DfmpcError as err:
+            raise BadFileError(str(err)) from None
         buf = self._read_into(bytearray(self.size - self.offset))
         try:
             extra = os.read(self.fd, 1)
@@ -126,7 +124,11 @@ def bad_sections(h: Header, payload: memoryview) -> list[str]:
 def tensor_from_bytes(dtype: str, shape: tuple[int, ...], data: memoryview) -> torch.Tensor:
     """A new tensor (its own memory) of a file dtype name and shape from ``data`` (exactly its bytes)."""
     if not len(data):
-        return torch.empty(shape, dtype=torch_dtype(dtype))
+        try:  # no element, but the other dimensions may still be too large to describe (strides overflow)
+            return torch.empty(shape, dtype=torch_dtype(dtype))
+        except RuntimeError as err:
+            raise BadFileError(f"an empty tensor of shape {list(shape)} cannot be represented "
+                               f"({one_line(str(err), 80)}){REPACK}") from None
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(torch_dtype(dtype)).reshape(shape)
 
 

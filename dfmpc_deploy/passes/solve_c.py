@@ -31,7 +31,7 @@ from calib_free import collect_bn_stats
 from calib_free.bn_stats import BNStats
 
 from ..core.graph import Link
-from ..core.options import finite_float, option, require_finite
+from ..core.options import float_in, option, require_finite
 from ..core.state import QuantLayer
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
@@ -111,6 +111,11 @@ def _fold_c_(p: Link, c: torch.Tensor, layers: dict[str, QuantLayer], mods: dict
         conv.weight.copy_(high.weight())
 
 
+#: the largest Eq. 22 weight: the closed form squares activations times lambda in float32, which a larger weight
+#: overflows (a weight of 1e6 already makes the term dominate completely)
+MAX_LAMBDA = 1e6
+
+
 @register_pass
 @dataclass(frozen=True)
 class SolveC(Pass):
@@ -124,15 +129,17 @@ class SolveC(Pass):
     """
 
     name = "solve_c"
-    lambda1: float = option(0.5, flag="--lambda1", parse=finite_float, help="Eq. 22 weight of the BN bias term")
-    lambda2: float = option(0.0, flag="--lambda2", parse=finite_float, help="Eq. 22 ridge on c", show_default=False)
+    lambda1: float = option(0.5, flag="--lambda1", parse=float_in(0.0, MAX_LAMBDA),
+                            help="Eq. 22 weight of the BN bias term, 0..1e6")
+    lambda2: float = option(0.0, flag="--lambda2", parse=float_in(0.0, MAX_LAMBDA), help="Eq. 22 ridge on c, 0..1e6",
+                            show_default=False)
     c_mode: str = option("off", flag="--c-mode", choices=C_MODES,
                          help="fold the closed-form c: 'paper' (Eq. 27), 'norm' (without least-squares shrinkage) or "
                               "'off' (c = 1; measured best once the BN statistics are re-estimated, see README)")
 
     def __post_init__(self) -> None:
-        require_finite("--lambda1", self.lambda1, lo=0.0)
-        require_finite("--lambda2", self.lambda2, lo=0.0)
+        require_finite("--lambda1", self.lambda1, lo=0.0, hi=MAX_LAMBDA)
+        require_finite("--lambda2", self.lambda2, lo=0.0, hi=MAX_LAMBDA)
         if self.c_mode not in C_MODES:
             raise UsageError(f"bad --c-mode '{self.c_mode}': choose one of {', '.join(C_MODES)}")
 

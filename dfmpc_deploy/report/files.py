@@ -47,6 +47,10 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: a report.json is tens of KB; the bound keeps a hostile one (build --from-report) from costing memory
+MAX_REPORT_BYTES = 16 << 20
+
+
 def read_report(path: str | os.PathLike) -> Report:
     """Read a format-2 report.json (a directory means its ``report.json``).
 
@@ -56,13 +60,18 @@ def read_report(path: str | os.PathLike) -> Report:
     p = Path(path)
     if p.is_dir():
         p = p / "report.json"
+    from ..errors import DfmpcError
+    from ..io.files import read_regular_file
+
     try:
-        data = json.loads(p.read_text(encoding="utf-8"), parse_constant=_no_constant)
-    except FileNotFoundError:
-        raise ReportError(f"{p}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
+        raw = read_regular_file(p, MAX_REPORT_BYTES, "report")
+    except DfmpcError as err:
+        raise ReportError(str(err)) from None
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as err:
         raise ReportError(f"{p}: cannot read it ({err})") from None
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise ReportError(f"{p}: not valid JSON ({err})") from None
     try:
         return Report.from_dict(data)

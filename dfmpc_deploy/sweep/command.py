@@ -69,8 +69,10 @@ def _fmt(v: float | None, spec: str) -> str:
 def _list(args) -> int:
     grid = load_grid(args.grid)
     rows = cell_rows(grid, args.out)
+    from ..io.files import emit
+
     if args.json:
-        print(json.dumps([{"id": c.id, "settings": dict(c.settings), "status": r.status if r else "pending",
+        emit(json.dumps([{"id": c.id, "settings": dict(c.settings), "status": r.status if r else "pending",
                            "top1": r.top1 if r else None, "size_bytes": r.size_bytes if r else None,
                            "seconds": r.seconds if r else None, "error": r.error if r else None}
                           for c, r in rows], indent=2))
@@ -112,7 +114,8 @@ def _cmd_sweep(args) -> int:
               "are pending; run the same command again to go on", file=sys.stderr)
         return code
     if args.json:
-        print((args.out / "sweep.json").read_text(encoding="utf-8"), end="")
+        from ..io.files import emit
+        emit((args.out / "sweep.json").read_text(encoding="utf-8"), end="")
     elif not args.quiet:
         print(f"{res.cells} cells: {res.done} done ({len(res.ran) - res.ran_failed} this run, "
               f"{res.skipped} already done), {res.failed} failed, {res.pending} pending; {res.seconds:.1f} s on "

@@ -314,6 +314,10 @@ def parse_grid(doc: Mapping[str, Any], path: Path) -> Grid:
     return Grid(path=path, cells=tuple(cells), axes=tuple(grid))
 
 
+#: a grid file is a few hundred bytes of TOML; the bound keeps a hostile one from costing memory
+MAX_GRID_BYTES = 1 << 20
+
+
 def load_grid(path: str | os.PathLike) -> Grid:
     """Read and validate a grid file.
 
@@ -324,13 +328,10 @@ def load_grid(path: str | os.PathLike) -> Grid:
         import tomllib
     else:  # Python 3.10: the same parser, published as tomli
         import tomli as tomllib
+    from ..io.files import read_regular_file
+
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise DfmpcError(f"grid file '{p}' does not exist") from None
-    except OSError as err:
-        raise DfmpcError(f"grid file '{p}' cannot be read ({err.strerror})") from None
+    raw = read_regular_file(p, MAX_GRID_BYTES, "grid file")
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

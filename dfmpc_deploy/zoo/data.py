@@ -129,7 +129,7 @@ def read_labels_file(root: Path, num_classes: int | None = None) -> tuple[list[P
     if not os.path.lexists(f):
         raise DfmpcError(f"imagenet:{root} needs '{f}' with one '<file> <class index>' line per image")
     try:
-        text = read_regular_file(f, MAX_LABELS_BYTES, "labels file").decode("utf-8")
+        text = read_regular_file(f, MAX_LABELS_BYTES, "labels file").decode("utf-8-sig")  # a BOM is not text
     except UnicodeDecodeError as err:
         raise DfmpcError(f"labels file '{f}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
     files: list[Path] = []

@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .._deps import available
+from .._deps import available, require
 from ..errors import DfmpcError, UsageError
 from .data import Dataset
 
@@ -95,7 +95,7 @@ def ort_forward(run: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor
     """
     if not (available("onnx") and available("onnxruntime")):
         return None
-    import onnxruntime as ort
+    ort = require("onnxruntime", "ort")
 
     buf = io.BytesIO()
     legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}

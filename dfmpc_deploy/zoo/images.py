@@ -10,8 +10,13 @@ What a data folder may hold (one-line :class:`DfmpcError` naming the file otherw
 * only regular files are read: a FIFO, device or socket named like an image is refused (it is never opened for
   blocking reads: files are opened with ``O_NONBLOCK`` and checked with ``fstat`` before reading). Symlinks are
   followed wherever they point, as long as they end at a regular file (datasets are often assembled with symlinks);
-* at most :data:`MAX_IMAGE_BYTES` per file and :data:`MAX_IMAGE_PIXELS` per image, checked from the header before
-  any pixel is decoded (so a small PNG declaring 20000x20000 pixels costs nothing);
+* only the decoders of :data:`IMAGE_FORMATS` (JPEG, PNG, BMP, WebP, TIFF, PPM/PGM) are used, chosen by the content
+  (Pillow's ``formats=``), never by the name: a PostScript file named ``*.jpg`` is refused, never handed to
+  Ghostscript;
+* at most :data:`MAX_IMAGE_BYTES` per file (a sparse file is refused) and :data:`MAX_IMAGE_PIXELS` per image, checked
+  from the header before any pixel is decoded (so a small PNG declaring 8000x8000 pixels costs nothing);
+* every mode gives the RGB values of the 8-bit picture (16-bit and float grayscale are scaled, never clipped:
+  :func:`to_rgb8`) or is refused naming the mode;
 * truncated or corrupt images are an error, never skipped or padded;
 * the preprocessed float32 images must fit in 80 % of the free memory (checked before decoding, with the ``--limit``
   that would fit in the message).
@@ -31,47 +36,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DfmpcError
+from ..errors import DfmpcError, one_line
+from ..io.files import file_kind, os_error_line, printable_path, read_regular_file
 
-__all__ = ["MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "read_regular_file", "preprocess", "decode_image",
-           "normalize", "decode_images", "default_workers", "check_regular_files", "check_dataset_memory"]
+__all__ = ["MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "IMAGE_FORMATS", "read_regular_file", "preprocess", "decode_image",
+           "to_rgb8", "normalize", "decode_images", "default_workers", "check_regular_files", "check_dataset_memory",
+           "check_flag_memory"]
 
 MAX_IMAGE_BYTES = 64 << 20
-MAX_IMAGE_PIXELS = 64_000_000  # below Pillow's own 89 M-pixel warning; ~200 MB decoded RGB at most per worker
-
-
-def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str = "file") -> bytes:
-    """Read a whole regular file of at most ``max_bytes`` bytes, without blocking on FIFOs or devices.
-
-    Raises:
-        DfmpcError: missing, unreadable, not a regular file, or larger than ``max_bytes``.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as err:
-        raise DfmpcError(f"cannot open {what} '{path}': {err.strerror or err}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DfmpcError(f"{what} '{path}' is not a regular file (a FIFO, device or socket); remove it")
-        if st.st_size > max_bytes:
-            raise DfmpcError(f"{what} '{path}' is {st.st_size / 2**20:.0f} MiB, more than the {max_bytes >> 20} MiB "
-                             f"limit; remove or shrink it")
-        chunks, total = [], 0
-        while total <= max_bytes:  # the file may grow after fstat: never read past the limit
-            chunk = os.read(fd, min(1 << 22, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > max_bytes:
-            raise DfmpcError(f"{what} '{path}' grew past the {max_bytes >> 20} MiB limit while being read")
-        return b"".join(chunks)
-    except OSError as err:
-        raise DfmpcError(f"cannot read {what} '{path}': {err.strerror or err}") from None
-    finally:
-        os.close(fd)
+#: pixels per image (a 6000x4000 camera photo), checked from the header before decoding: at most ~100 MB decoded per
+#: worker (a 16-bit or float picture: 4 bytes a pixel before it is scaled to 8 bits)
+MAX_IMAGE_PIXELS = 24_000_000
+#: the only decoders Pillow may use, whatever a file's name says (``Image.open(formats=...)``): a PostScript/EPS
+#: file named ``*.jpg`` would otherwise start Ghostscript, and other plugins parse formats nobody evaluates on
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "PPM")
+#: modes whose values are not 8-bit: scaled to 0..255 exactly as the 8-bit picture holds them (:func:`to_rgb8`)
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def _crop_offset(have: int, want: int) -> int:
@@ -83,7 +63,7 @@ def preprocess(img, size: int, resize: int | None) -> np.ndarray:
     """Resize (shorter side to ``resize``, if given) and centre-crop a PIL image to uint8 (3, size, size)."""
     from PIL import Image
 
-    img = img.convert("RGB")
+    img = img if img.mode == "RGB" else img.convert("RGB")
     if resize is not None:
         w, h = img.size
         short, long = min(w, h), max(w, h)
@@ -98,34 +78,95 @@ def preprocess(img, size: int, resize: int | None) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()  # C-contiguous and writable
 
 
+def _wide_to_u8(im, path) -> np.ndarray:
+    """The 8-bit values of a 16-bit, 32-bit integer or float grayscale picture (see :func:`to_rgb8`)."""
+    mode = im.mode
+    a = np.asarray(im)
+    shown = printable_path(path)
+    if mode.startswith("I;16") or (mode == "I" and im.format in ("PNG", "PPM")):
+        # 16-bit samples (PPM's maxval is already stretched to 0..65535 by Pillow): the high byte, which is the 8-bit
+        # value exactly both for v * 257 (full-range scaling) and v << 8
+        a = a.astype(np.int64)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise DfmpcError(f"image '{shown}' (mode {mode}) holds values outside 0..65535; convert it to 8-bit RGB")
+        return (a >> 8).astype(np.uint8)
+    if mode == "F":
+        if a.size and not bool(np.isfinite(a).all()):
+            raise DfmpcError(f"image '{shown}' (mode F, float) holds NaN or infinite values; remove or replace it")
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo < 0 or hi > 255:
+            raise DfmpcError(f"image '{shown}' (mode F, float) holds values in [{lo:.3g}, {hi:.3g}], neither 0..1 nor "
+                             f"0..255; convert it to 8-bit RGB")
+        scale = 255.0 if hi <= 1.0 else 1.0  # 0..1 floats (the usual convention) or 8-bit values stored as floats
+        return np.clip(np.rint(a.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    raise DfmpcError(f"image '{shown}' has mode {mode} ({im.format} with 32-bit integer samples), whose range has no "
+                     f"8-bit meaning; convert it to 8- or 16-bit RGB or grayscale")
+
+
+def to_rgb8(im, path: str | os.PathLike = "") -> object:
+    """A decoded PIL image as the 8-bit RGB picture it shows.
+
+    8-bit modes (``1``, ``L``, ``P``, ``LA``, ``RGBA``, ``CMYK``, ``YCbCr``, ...) are converted by Pillow. Wider modes
+    are scaled, never clipped: 16-bit samples (``I;16*``, and ``I`` from PNG/PPM) keep their high byte, floats (``F``)
+    in 0..1 are multiplied by 255 and rounded (floats already in 0..255 are rounded). Anything else is refused
+    naming the mode.
+
+    Raises:
+        DfmpcError: a mode without an 8-bit RGB meaning, or values outside its range (naming the file and mode).
+    """
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode in _WIDE_MODES:
+        return Image.fromarray(_wide_to_u8(im, path), "L").convert("RGB")
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise DfmpcError(f"image '{printable_path(path)}' has mode {im.mode}, which cannot be converted to RGB "
+                         f"({one_line(str(err), 80)}); convert it to 8-bit RGB") from None
+
+
 def decode_image(path: str | os.PathLike, size: int, resize: int | None, data: bytes | None = None,
                  max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Read (unless ``data`` is given), decode and preprocess one image file to uint8 (3, size, size).
 
+    Only the decoders of :data:`IMAGE_FORMATS` are tried, whatever the file's name says; the pixel count is checked
+    from the header before any pixel is decoded; the decoded picture is made 8-bit RGB by :func:`to_rgb8`.
+
     Raises:
         DfmpcError: see the module docstring; the message names ``path``.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
+    shown = printable_path(path)
     if data is None:
         data = read_regular_file(path, MAX_IMAGE_BYTES, "image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            try:
+                im_ctx = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            except UnidentifiedImageError:
+                raise DfmpcError(f"cannot decode image '{shown}': by its content it is not a "
+                                 f"{'/'.join(IMAGE_FORMATS)} image, whatever its name (no other decoder is used); "
+                                 f"remove or convert it") from None
+            with im_ctx as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise DfmpcError(f"image '{path}' declares {w}x{h} pixels, more than the limit of {max_pixels:,} "
-                                     f"(a decompression bomb or an oversized photo); remove or downscale it")
+                    raise DfmpcError(f"image '{shown}' declares {w}x{h} pixels, more than the limit of "
+                                     f"{max_pixels:,} (a decompression bomb or an oversized photo); remove or "
+                                     f"downscale it")
                 im.load()
-                return preprocess(im, size, resize)
+                return preprocess(to_rgb8(im, path), size, resize)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DfmpcError(f"image '{path}' is too large to decode safely ({err}); remove or downscale it") from None
+        raise DfmpcError(f"image '{shown}' is too large to decode safely ({one_line(str(err), 120)}); remove or "
+                         f"downscale it") from None
     except DfmpcError:
         raise
     except Exception as err:  # noqa: BLE001 - Pillow's format plugins raise many types on malformed files
-        msg = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise DfmpcError(f"cannot decode image '{path}' ({msg}); the file is truncated or corrupt: remove or "
+        msg = one_line(str(err), 160) if str(err) else type(err).__name__
+        raise DfmpcError(f"cannot decode image '{shown}' ({msg}); the file is truncated or corrupt: remove or "
                          f"replace it") from None
 
 
@@ -146,6 +187,31 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+#: working memory per input element, as a multiple of the input's own float32 bytes: a forward pass keeps a few
+#: activation maps (latency batches), synthesis keeps every activation for the backward pass (a ResNet-50 holds
+#: ~150x its input; the factors err on the generous side so only hopeless values are refused)
+FORWARD_FACTOR = 32
+BACKWARD_FACTOR = 64
+
+
+def check_flag_memory(flag: str, n: int, input_shape: Sequence[int], factor: int) -> None:
+    """Refuse up front, naming ``flag``, when ``n`` inputs of ``input_shape`` need more than 80 % of the free memory
+    (``n x 4 x C x H x W x factor`` bytes), instead of failing in the allocator later.
+
+    Raises:
+        UsageError: naming the flag, the bytes needed and the largest value that fits.
+    """
+    from ..errors import UsageError
+
+    free = available_memory_bytes()
+    per = 4 * factor * int(np.prod(input_shape))
+    if free is None or n * per <= 0.8 * free:
+        return
+    fit = max(1, int(0.8 * free // per))
+    raise UsageError(f"{flag} {n}: {n} inputs of {'x'.join(map(str, input_shape))} need about {n * per / 2**30:.1f} "
+                     f"GiB of working memory, more than the {free / 2**30:.1f} GiB free; give {fit} or fewer")
 
 
 def check_dataset_memory(n: int, size: int) -> None:
@@ -250,6 +316,6 @@ def check_regular_files(paths: Sequence[Path]) -> None:
         try:
             st = os.stat(p)
         except OSError as err:
-            raise DfmpcError(f"cannot read image '{p}': {err.strerror or err}") from None
+            raise DfmpcError(os_error_line(err, "image", p)) from None
         if not stat.S_ISREG(st.st_mode):
-            raise DfmpcError(f"image '{p}' is not a regular file (a FIFO, device, socket or directory); remove it")
+            raise DfmpcError(f"image '{printable_path(p)}' is {file_kind(st.st_mode)}, not a regular file; remove it")

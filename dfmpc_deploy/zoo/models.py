@@ -37,7 +37,8 @@ from torch import nn
 from .._deps import require
 from ..core.stats import bn_status
 from ..core.validate import check_weights
-from ..errors import DfmpcError, UsageError
+from ..errors import DfmpcError, UsageError, one_line
+from ..io.files import open_regular, os_error_line, printable_path, sniff
 from .cifar_resnet import OPTA_DEPTHS, CifarResNet
 from .torchvision_arch import RESNET_DEPTHS, tv_mobilenet_v2, tv_resnet
 
@@ -223,49 +224,93 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_state_dict_file(path: str | os.PathLike, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read a state dict from .safetensors or a torch pickle (.pth/.pt/.th), safely by default.
+def _zip_problem(p: Path, size: int) -> str | None:
+    """Why a zip checkpoint may not be handed to ``torch.load``: a record that is compressed or claims more bytes
+    than the file holds (torch would allocate the claimed size before noticing), or no zip at all."""
+    import zipfile
 
-    Handles checkpoints wrapping the weights in ``state_dict``/``model`` and strips ``module.`` prefixes.
+    try:
+        with zipfile.ZipFile(p) as zf:
+            for info in zf.infolist():
+                if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+                    return (f"its record '{printable_path(info.filename, 80)}' is compressed ({info.file_size:,} "
+                            f"bytes from {info.compress_size:,}); torch checkpoints store records uncompressed")
+                if info.header_offset + info.file_size > size:
+                    return (f"its record '{printable_path(info.filename, 80)}' claims {info.file_size:,} bytes, more "
+                            f"than the {size:,}-byte file holds")
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        return f"its zip directory is unreadable ({one_line(str(err), 120)})"
+    return None
+
+
+_KIND_NAMES = {"dfmpc": "a packed .dfmpc model", "zip": "a torch checkpoint (zip)",
+               "pickle": "a legacy torch checkpoint (pickle)", "safetensors": "a safetensors file"}
+
+
+def load_state_dict_file(path: str | os.PathLike, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a state dict from a safetensors file or a torch checkpoint (zip or legacy pickle), safely by default.
+
+    What the file is comes from its content, not its name (:func:`dfmpc_deploy.io.files.sniff`): a safetensors file
+    named ``.pth`` is read as safetensors, a packed ``.dfmpc`` model is refused by name. A zip checkpoint whose records
+    are compressed or claim more bytes than the file holds is refused before ``torch.load`` allocates them; a sparse
+    file is refused before it is read. Handles checkpoints wrapping the weights in ``state_dict``/``model`` and strips
+    ``module.`` prefixes.
 
     Raises:
-        DfmpcError: missing, non-regular or unreadable file, a pickle that needs ``--unsafe-pickle``, or content that
-            is not a ``{str: tensor}`` dict.
+        DfmpcError: missing, non-regular, sparse or unreadable file, a file of another kind, a pickle that needs
+            ``--unsafe-pickle``, or content that is not a ``{str: tensor}`` dict.
     """
     p = Path(path)
-    if not p.exists():
-        raise DfmpcError(f"weights file '{p}' does not exist (pass a .pth/.th/.safetensors file, 'pretrained' "
-                         f"or 'random')")
-    if not p.is_file():  # a FIFO or device would block or never end
-        raise DfmpcError(f"weights file '{p}' is not a regular file; pass a .pth/.th/.safetensors file")
-    if p.suffix == ".safetensors":
-        st = require("safetensors.torch", "models")
+    fd, st = open_regular(p, "weights file", sparse_ok=False)
+    try:
+        head = os.read(fd, 16)
+    except OSError as err:
+        raise DfmpcError(os_error_line(err, "weights file", p)) from None
+    finally:
+        os.close(fd)
+    kind = sniff(head)
+    shown = printable_path(p)
+    if kind == "dfmpc":
+        raise DfmpcError(f"'{shown}' is a packed .dfmpc model, not float weights: evaluate or export it with "
+                         f"'dfmpc-deploy eval/export {shown}', or give --weights the float state dict it was built "
+                         f"from")
+    if kind == "unknown":
+        raise DfmpcError(f"cannot read weights '{shown}': by its content it is neither a torch checkpoint (zip or "
+                         f"pickle) nor a safetensors file (it starts with {head[:8]!r}); pass a .pth/.th/.safetensors "
+                         f"state dict")
+    if kind == "safetensors":
+        st_mod = require("safetensors.torch", "models")
         try:
-            sd = st.load_file(str(p))
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
-            raise DfmpcError(f"cannot read '{p}' as safetensors: {str(err).splitlines()[0][:200]}") from err
+            sd = st_mod.load_file(str(p))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for corrupt headers
+            raise DfmpcError(f"cannot read '{shown}' as safetensors: {one_line(str(err), 200)}") from None
     else:
+        if kind == "zip":
+            problem = _zip_problem(p, st.st_size)
+            if problem:
+                raise DfmpcError(f"weights '{shown}' ({_KIND_NAMES[kind]}) is refused: {problem}")
         if unsafe_pickle:
-            log.warning("--unsafe-pickle: unpickling %s can run arbitrary code; only use files you trust", p)
+            log.warning("--unsafe-pickle: unpickling %s can run arbitrary code; only use files you trust", shown)
         try:
-            sd = torch.load(str(p), map_location="cpu", weights_only=not unsafe_pickle)
-        except Exception as err:  # pickle/zip errors come in many types
+            with open(p, "rb") as fh:  # a file object: torch.load would pick a loader by the name's suffix
+                sd = torch.load(fh, map_location="cpu", weights_only=not unsafe_pickle)
+        except Exception as err:  # noqa: BLE001 - pickle/zip errors come in many types
             glob = re.search(r"unsupported global\W+(?:GLOBAL\s+)?([\w.]+)", str(err), re.IGNORECASE)
             if glob:
-                raise DfmpcError(f"'{p}' holds more than tensors (it names {glob.group(1)}) and is not loaded by "
-                                 f"default for safety; if you trust it, re-run with --unsafe-pickle") from err
+                raise DfmpcError(f"'{shown}' holds more than tensors (it names {glob.group(1)}) and is not loaded "
+                                 f"by default for safety; if you trust it, re-run with --unsafe-pickle") from None
             lines = [ln.strip() for ln in str(err).splitlines()
                      if ln.strip() and not any(w in ln for w in ("weights_only", "WeightsUnpickler", "documentation"))]
-            msg = lines[-1][:200] if lines else type(err).__name__
-            raise DfmpcError(f"cannot read weights '{p}': not a readable torch checkpoint, truncated or corrupt "
-                             f"({msg})") from err
+            msg = one_line(lines[-1], 200) if lines else type(err).__name__
+            raise DfmpcError(f"cannot read weights '{shown}': not a readable torch checkpoint ({_KIND_NAMES[kind]} "
+                             f"by its content, but truncated or corrupt: {msg})") from None
     for key in ("state_dict", "model", "model_state_dict", "net"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
             break
     if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                      for k, v in sd.items()):
-        raise DfmpcError(f"'{p}' does not contain a state dict (a non-empty dict of names to tensors)")
+        raise DfmpcError(f"'{printable_path(p)}' does not contain a state dict (a non-empty dict of names to tensors)")
     return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
 
 
@@ -351,6 +396,11 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], origin: str) -> No
         if src is not None and v.is_floating_point() and not src.is_floating_point():
             raise DfmpcError(f"weights '{origin}': tensor '{k}' is {str(src.dtype).replace('torch.', '')} where the "
                              f"model holds floats; refusing to cast it silently (re-export the weights as float32)")
+        if src is not None and not v.is_floating_point() and src.is_floating_point() and src.numel() and not bool(
+                (torch.isfinite(src) & (src == src.round()) & (src.abs() <= 2.0 ** 53)).all()):
+            raise DfmpcError(f"weights '{origin}': integer buffer '{k}' holds non-finite, fractional or huge "
+                             f"values in the file ({str(src.dtype).replace('torch.', '')}); refusing to cast them "
+                             f"silently (re-export the weights)")
     model.load_state_dict(dict(sd), strict=False)
 
 

@@ -100,7 +100,7 @@ def test_malformed_cifar_batches(tmp_path, case, expect):
     b = _good_batch()
     raw = {
         "empty": b"",
-        "garbage": os.urandom(64),
+        "garbage": np.random.default_rng(22).bytes(64),
         "truncated": _cut(pickle.dumps(b)),
         "list": pickle.dumps([1, 2, 3]),
         "wrong_key": pickle.dumps({b"pixels": b[b"data"], b"labels": b[b"labels"]}),
@@ -176,7 +176,7 @@ def test_class_count_must_match_the_model(tmp_path):
 def test_fifo_named_like_an_image_does_not_hang(tmp_path):
     root = _folder(tmp_path)
     os.mkfifo(root / "dog" / "b.jpg")
-    with pytest.raises(DfmpcError, match=r"'.*b\.jpg' is not a regular file") as e:
+    with pytest.raises(DfmpcError, match=r"'.*b\.jpg' is .*not a regular file") as e:
         _load(f"imagefolder:{root}")
     one_line(e)
 
@@ -188,7 +188,7 @@ def test_symlinks_to_regular_files_are_followed_dangling_ones_refused(tmp_path):
     ds = _load(f"imagefolder:{root}", num_classes=3)
     assert ds.labels.tolist() == [0, 1, 2, 2]
     os.symlink(tmp_path / "missing.png", root / "emu" / "c.png")
-    with pytest.raises(DfmpcError, match=r"cannot read image '.*c\.png'"):
+    with pytest.raises(DfmpcError, match=r"image '.*c\.png' does not exist"):
         _load(f"imagefolder:{root}")
 
 
@@ -300,7 +300,7 @@ def test_labels_file_missing_binary_or_fifo(tmp_path):
 def test_imagenet_entry_that_is_a_device_is_refused(tmp_path):
     root = _imagenet(tmp_path, "a.png 1\nzero.png 2\n")
     os.symlink("/dev/zero", root / "images" / "zero.png")
-    with pytest.raises(DfmpcError, match=r"zero\.png' is not a regular file"):
+    with pytest.raises(DfmpcError, match=r"zero\.png' is .*not a regular file"):
         _load(f"imagenet:{root}")
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from dfmpc_deploy.cli import main
 from dfmpc_deploy.io.outdir import OutputDir
+from tests.hostile.conftest import default_sigint
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -151,7 +152,8 @@ def _wait_for(pred, timeout: float, what: str):
 def test_signal_mid_build_leaves_nothing_and_a_second_build_is_refused_meanwhile(capsys, tmp_path, sig, code):
     out = tmp_path / "o"
     a = subprocess.Popen([sys.executable, "-m", "dfmpc_deploy", *BUILD, "--synth-steps", "2000", "--out", str(out)],
-                         env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=default_sigint)
     try:
         partial = _wait_for(lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".o.partial-")], 60,
                             "the build to start")[0]

@@ -193,7 +193,6 @@ CONTENT_CASES = {
     "non-zero padding": (_set_codes(lambda b, c, r: b.__setitem__(c + r.nbytes - 1, 242)), "padding"),
     "NaN scale": (_set_f32("scale", math.nan), "the scale holds 1 non-finite"),  # stored once, for 8 channels
     "Inf in_scale": (_set_f32("in_scale", math.inf), "the in_scale holds 1 non-finite"),
-    "zero scales, non-zero codes": (_set_f32("scale", 0.0), "every scale is 0 but the codes are not all zero"),
     "huge scale": (_set_f32("scale", 1e38), "make weights up to [0-9.]+e\\+39, beyond float32"),
     "NaN BN weight": (_set_tensor("1.weight", math.nan), "'1.weight' holds 1 non-finite"),
     "Inf BN mean": (_set_tensor("4.running_mean", -math.inf, 3), "'4.running_mean' holds 1 non-finite"),
@@ -341,7 +340,6 @@ def _broken(mp, what: str):
 @pytest.mark.parametrize("what,message", [
     ("nan scale", "layer '3': the scale holds 8 non-finite"),
     ("huge scale", "layer .3.: scales up to 1e\\+37 make weights up to [0-9.]+e\\+38, beyond float32"),
-    ("zero scales", "layer '3': every scale is 0 but the codes are not all zero"),
     ("nan statistics", "'4.running_mean': it holds 1 non-finite"),
     ("negative variance", "'1.running_var': it has 1 negative value"),
     ("inf bias", "'8.bias': it holds 1 non-finite"),
@@ -378,3 +376,12 @@ def test_writer_refuses_what_the_format_cannot_hold(tiny_mp, tmp_path):
 def test_magic_is_documented_bytes():
     assert MAGIC == bytes([0x89, 0x44, 0x46, 0x4D, 0x50, 0x43, 0x0D, 0x0A])
     assert isinstance(TensorRecord("a", "F32", (1,)).nbytes, int) and np.dtype("<f4").itemsize == 4
+
+
+def test_pruned_kbit_layer_packs_and_reads_back_as_zeros(tiny_mp, tmp_path):
+    """A pruned k-bit layer (every weight 0: all scales 0, as the odd-code grid has no zero) is a valid model."""
+    mp = _broken(tiny_mp, "zero scales")
+    assert mp.layers["3"].bits > 2 and not bool(mp.module[3].weight.any())
+    save_packed(mp, tmp_path / "m.dfmpc")
+    result = inspect_packed(tmp_path / "m.dfmpc")
+    assert result.ok, result.problems

@@ -50,7 +50,7 @@ def test_read_errors(tmp_path, content, msg):
     with pytest.raises(ReportError) as err:
         read_report(p)
     assert msg in str(err.value) and "\n" not in str(err.value) and str(p) in str(err.value)
-    with pytest.raises(ReportError, match="no such file"):
+    with pytest.raises(ReportError, match="does not exist"):
         read_report(tmp_path / "none.json")
 
 
