@@ -30,6 +30,7 @@ from .report.model import BuildSettings, Sha256
 from .zoo import models
 from .zoo.data import DataSpec, load_dataset, parse_data_spec
 from .zoo.evaluate import accuracy
+from .zoo.images import BACKWARD_FACTOR, FORWARD_FACTOR, check_flag_memory
 
 if TYPE_CHECKING:
     from .report import Report
@@ -146,7 +147,6 @@ class BuildConfig:
     def _check_memory(self) -> None:
         """The largest --batch-sizes and --synth-samples must fit in memory (one line now, not the allocator's
         traceback later)."""
-        from .zoo.images import BACKWARD_FACTOR, FORWARD_FACTOR, check_flag_memory
 
         if self.module is not None:
             shape = tuple(self.input_shape or (3, 224, 224))

@@ -41,7 +41,7 @@ from .core.options import add_arguments, options_of  # noqa: E402
 from .core.progress import Progress  # noqa: E402
 from .errors import BadFileError, DfmpcError, UsageError, one_line  # noqa: E402
 from .io.container import inspect_packed  # noqa: E402
-from .io.files import emit, os_error_line  # noqa: E402
+from .io.files import emit, os_error_line, silence_stdout  # noqa: E402
 from .io.outdir import interrupt_status, terminate_as_interrupt  # noqa: E402
 from .packed import EvalConfig, ExportConfig, run_eval, run_export, top_line  # noqa: E402
 from .passes.recipes import PASS_CLASSES, RECIPES  # noqa: E402
@@ -344,7 +344,6 @@ def entrypoint() -> None:
     done): the process leaves at once (``os._exit`` after flushing), so that nothing in interpreter shutdown (library
     threads, a signal still pending there) can turn it into a death by signal. A stdout that cannot take the last
     buffered bytes (a closed pipe, a full disk) is silenced instead of failing again at exit."""
-    from .io.files import silence_stdout
 
     code = main()
     try:

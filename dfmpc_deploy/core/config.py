@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..errors import UsageError
+from .options import float32_problem
 
 __all__ = ["WeightFormat", "BitsSpec", "parse_bits", "InputSpec", "MAX_INPUT_SIDE", "normalization_problem"]
 
@@ -71,7 +72,6 @@ def normalization_problem(mean, std) -> str | None:
     and at most :data:`MAX_NORMALIZED_INPUT` in magnitude."""
     import numpy as np
 
-    from .options import float32_problem
 
     mean, std = tuple(mean), tuple(std)
     if len(mean) != 3 or len(std) != 3:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import DfmpcError
 from ..io.atomic import atomic_write_text
+from ..io.files import read_regular_file
 from . import html, markdown
 from .model import Report, ReportError
 
@@ -60,8 +61,6 @@ def read_report(path: str | os.PathLike) -> Report:
     p = Path(path)
     if p.is_dir():
         p = p / "report.json"
-    from ..errors import DfmpcError
-    from ..io.files import read_regular_file
 
     try:
         raw = read_regular_file(p, MAX_REPORT_BYTES, "report")

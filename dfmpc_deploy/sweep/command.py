@@ -10,6 +10,7 @@ from .._deps import require
 from ..core.options import positive_int
 from ..core.progress import Progress
 from ..errors import UsageError
+from ..io.files import emit
 from ..io.outdir import interrupt_status
 from .engines import make_engine
 from .grid import load_grid
@@ -69,7 +70,6 @@ def _fmt(v: float | None, spec: str) -> str:
 def _list(args) -> int:
     grid = load_grid(args.grid)
     rows = cell_rows(grid, args.out)
-    from ..io.files import emit
 
     if args.json:
         emit(json.dumps([{"id": c.id, "settings": dict(c.settings), "status": r.status if r else "pending",
@@ -114,7 +114,6 @@ def _cmd_sweep(args) -> int:
               "are pending; run the same command again to go on", file=sys.stderr)
         return code
     if args.json:
-        from ..io.files import emit
         emit((args.out / "sweep.json").read_text(encoding="utf-8"), end="")
     elif not args.quiet:
         print(f"{res.cells} cells: {res.done} done ({len(res.ran) - res.ran_failed} this run, "

@@ -42,6 +42,7 @@ from typing import Any
 
 from ..core.options import flag_of, options_of, split_values
 from ..errors import DfmpcError, UsageError
+from ..io.files import read_regular_file
 
 __all__ = ["Cell", "Grid", "GridError", "load_grid", "parse_grid", "parse_value", "cell_id", "build_config",
            "flag_fields", "RESERVED_KEYS"]
@@ -328,7 +329,6 @@ def load_grid(path: str | os.PathLike) -> Grid:
         import tomllib
     else:  # Python 3.10: the same parser, published as tomli
         import tomli as tomllib
-    from ..io.files import read_regular_file
 
     p = Path(path)
     raw = read_regular_file(p, MAX_GRID_BYTES, "grid file")

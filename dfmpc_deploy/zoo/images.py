@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DfmpcError, one_line
+from ..errors import DfmpcError, UsageError, one_line
 from ..io.files import file_kind, os_error_line, printable_path, read_regular_file
 
 __all__ = ["MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "IMAGE_FORMATS", "read_regular_file", "preprocess", "decode_image",
@@ -203,7 +203,6 @@ def check_flag_memory(flag: str, n: int, input_shape: Sequence[int], factor: int
     Raises:
         UsageError: naming the flag, the bytes needed and the largest value that fits.
     """
-    from ..errors import UsageError
 
     free = available_memory_bytes()
     per = 4 * factor * int(np.prod(input_shape))
