@@ -81,7 +81,26 @@ def interrupt_status(err: BaseException) -> tuple[str, int]:
     return signal.Signals(signum).name, 128 + int(signum)
 
 
+#: signals raised as :class:`Terminated` that the command has not yet acted on (see :func:`_raise_terminated`)
+_PENDING: list[int] = []
+#: seconds between re-deliveries of a termination signal nobody acted on
+REDELIVER_SECONDS = 2.0
+
+
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    """Raise :class:`Terminated`, and send the signal again every :data:`REDELIVER_SECONDS` until
+    :func:`terminate_as_interrupt` ends: an exception raised in a signal handler can be swallowed (the handler may
+    run inside a weakref callback of the import system, or under a library's ``except``), and a SIGTERM must still
+    end the command."""
+    _PENDING.append(signum)
+
+    def again() -> None:
+        if _PENDING:
+            os.kill(os.getpid(), signum)
+
+    timer = threading.Timer(REDELIVER_SECONDS, again)
+    timer.daemon = True
+    timer.start()
     raise Terminated(signum)
 
 
@@ -104,6 +123,7 @@ def terminate_as_interrupt(names: tuple[str, ...] = ("SIGTERM", "SIGHUP")) -> It
     try:
         yield
     finally:
+        _PENDING.clear()  # acted on (the block has ended): no re-delivery
         for signum, old in installed.items():
             signal.signal(signum, old)  # type: ignore[arg-type]
 
