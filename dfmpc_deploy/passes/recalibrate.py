@@ -113,6 +113,20 @@ def reference_moments(fp: nn.Module, inputs: torch.Tensor,
     return out
 
 
+def _statistics(bns: dict[str, nn.BatchNorm2d]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A copy of each BN layer's running mean and variance."""
+    return {n: (cast(torch.Tensor, b.running_mean).clone(), cast(torch.Tensor, b.running_var).clone())
+            for n, b in bns.items()}
+
+
+@torch.no_grad()
+def _load_statistics(bns: dict[str, nn.BatchNorm2d], stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put ``stats`` (from :func:`_statistics`) back into the BN layers."""
+    for n, b in bns.items():
+        cast(torch.Tensor, b.running_mean).copy_(stats[n][0])
+        cast(torch.Tensor, b.running_var).copy_(stats[n][1])
+
+
 @register_pass
 @dataclass(frozen=True)
 class Recalibrate(Pass):
@@ -239,24 +253,18 @@ class Recalibrate(Pass):
         (at the ``recal_scope`` BN layers, the others back to the stored statistics) on the same codes, and keep the
         statistics with the lower held-out divergence."""
         bns = {n: cast(nn.BatchNorm2d, mods[n]) for n in scope}
-        saved = {n: (cast(torch.Tensor, b.running_mean).clone(), cast(torch.Tensor, b.running_var).clone())
-                 for n, b in bns.items()}
-        stored = dict(ctx.fp_model.named_modules())  # the statistics the model came with
+        delta_stats = _statistics(bns)
         kl_delta = holdout_kl(ctx)
-        with torch.no_grad():
-            for n, b in bns.items():
-                cast(torch.Tensor, b.running_mean).copy_(cast(torch.Tensor, stored[n].running_mean))
-                cast(torch.Tensor, b.running_var).copy_(cast(torch.Tensor, stored[n].running_var))
-            absolute = self._scope(ctx, mods, "absolute")
+        fp = dict(ctx.fp_model.named_modules())  # back to the statistics the model came with, then absolute ones
+        _load_statistics(bns, _statistics({n: cast(nn.BatchNorm2d, fp[n]) for n in scope}))
+        absolute = self._scope(ctx, mods, "absolute")
         with torch.no_grad():
             _Walk(gm, {}, absolute, None, None).run(inputs)
         kl_abs = holdout_kl(ctx)
         assert kl_delta is not None and kl_abs is not None
-        if kl_delta <= kl_abs:
-            with torch.no_grad():
-                for n, b in bns.items():
-                    cast(torch.Tensor, b.running_mean).copy_(saved[n][0])
-                    cast(torch.Tensor, b.running_var).copy_(saved[n][1])
-        return {"stats": "delta" if kl_delta <= kl_abs else "absolute",
-                "bn_reestimated": len(scope) if kl_delta <= kl_abs else len(absolute),
+        keep_delta = kl_delta <= kl_abs
+        if keep_delta:
+            _load_statistics(bns, delta_stats)
+        return {"stats": "delta" if keep_delta else "absolute",
+                "bn_reestimated": len(scope) if keep_delta else len(absolute),
                 "stats_kl": {"delta": round(kl_delta, 6), "absolute": round(kl_abs, 6)}}
