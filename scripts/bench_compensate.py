@@ -7,7 +7,8 @@ kept), then the whole build runs in the same process (``run_build``: load, the d
 seconds. Peak RSS is the process's maximum resident set (``ru_maxrss``), model, data and build included.
 
 ResNet-20/56 use the real CIFAR-10 weights in ../shared/data; ResNet-18/50 (224 px) use ``--weights random``, whose
-BN statistics come from image-like noise so that input synthesis does the same work as on a trained model.
+BN statistics come from image-like noise so that input synthesis does the same work as on a trained model;
+MobileNetV2 (224 px) is the real ImageNet model with BN statistics restored (``mobilenet_v2_bn_restored.pth``).
 
 ``--busy N`` starts N processes that spin on the CPU for the duration of the runs (a shared machine);
 ``--threads T`` is passed to the build (``--threads``), to show how a build is kept from oversubscribing such a
@@ -38,7 +39,12 @@ CASES = {
     "resnet56": ("resnet56_cifar10_optA", str(W / "resnet56-4bfd9763.th")),
     "resnet18": ("resnet18", "random"),
     "resnet50": ("resnet50", "random"),
+    "mobilenet_v2": ("mobilenet_v2", str(ROOT.parent / "shared" / "data" / "weights" / "mobilenet_v2_imagenet"
+                                         / "mobilenet_v2_bn_restored.pth")),
 }
+#: the weights format of a case whose file is not pytorchcv's (MANIFEST.md: torchvision's quantization-trained
+#: MobileNetV2, BN statistics restored from real images)
+FORMATS = {"mobilenet_v2": "torchvision-quantized"}
 PASSES = ("quantize", "calibrate", "allocate", "recalibrate", "solve_c")
 
 
@@ -68,12 +74,14 @@ def child(key: str, threads: int | None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     name, weights = CASES[key]
-    lm = load_model(name, weights)
+    fmt = FORMATS.get(key)
+    lm = load_model(name, weights, weights_format=fmt) if fmt else load_model(name, weights)
     shape = (3, lm.spec.input_size, lm.spec.input_size)
     before = _forward_seconds(lm.module, shape)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        rep = run_build(BuildConfig(model=name, weights=weights, out=Path(tmp) / "out", threads=threads))
+        extra = {"weights_format": fmt} if fmt else {}
+        rep = run_build(BuildConfig(model=name, weights=weights, out=Path(tmp) / "out", threads=threads, **extra))
         build_s = time.perf_counter() - t
     after = _forward_seconds(lm.module, shape)
     fwd = min(before, after)
