@@ -114,25 +114,35 @@ def _int_codes(w: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
     return round_to_grid(w, torch.where(zero, torch.ones_like(s), s)[:, None], bits, "int").mul_(~zero[:, None])
 
 
-def _row_error(w: torch.Tensor, s: torch.Tensor, bits: int) -> torch.Tensor:
-    """Each row's squared error ``||w - s q||^2`` on the int grid of step ``s`` (float32 work, float64 sums)."""
+def _row_error(w: torch.Tensor, s: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's squared error ``||w - s q||^2`` on the int grid of step ``s`` (float32 work, float64 sums); with
+    ``col_weight`` (rows, K) or (K,) each entry's square is weighted (``sum_k d_k (w_k - s q_k)^2``)."""
     d = _int_codes(w, s, bits).mul_(s[:, None]).sub_(w)
-    return d.mul_(d).sum(1, dtype=torch.float64)
+    d = d.mul_(d)
+    if col_weight is not None:
+        d = d.mul_(col_weight)
+    return d.sum(1, dtype=torch.float64)
 
 
-def int_grid(w: torch.Tensor, bits: int, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def int_grid(w: torch.Tensor, bits: int, per_channel: bool = False,
+             col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric integer k-bit quantization with a zero level (module docstring), step by least weight error.
 
     Args:
         w: weight (out, ...) float.
         bits: 3..8.
         per_channel: one step per output channel (else one for the tensor).
+        col_weight: optional non-negative weights of the error of each entry of the flattened weight, (out, K) or
+            (K,) (K = in x kh x kw): with the layer input's per-column second moment ``E[x_k^2]`` the error becomes
+            the output error ``E||(W - s q) x||^2`` of uncorrelated inputs (the diagonal of ``H``), which is what
+            the recalibrate pass passes (``step_by = "output"``). None: plain weight error.
 
     Returns:
         codes (int16 in [-2^(k-1), 2^(k-1)-1], weight-shaped), scale (out,) float32 (0 for an all-zero row/tensor).
     """
     w = w.detach().float()
     wf = _flat(w)
+    cw = None if col_weight is None else col_weight.detach().float().to(wf.device)
     rows = wf.shape[0]
     top = 2 ** (bits - 1) - 1
     a_row = wf.abs().amax(1) if wf.numel() else wf.new_zeros(rows)
@@ -151,21 +161,23 @@ def int_grid(w: torch.Tensor, bits: int, per_channel: bool = False) -> tuple[tor
         cands += [a_all.expand(rows) / top, a_all.expand(rows) / (top + 1)]
         cands += [m_row / d for d in range(1, LATTICE_DIVISORS + 1)]
     best_s = cands[0]
-    best_err = _row_error(wf, best_s, bits)
+    best_err = _row_error(wf, best_s, bits, cw)
     for s in cands[1:]:
-        err = _row_error(wf, s, bits)
+        err = _row_error(wf, s, bits, cw)
         if per_channel:
             better = err < best_err
             best_s, best_err = torch.where(better, s, best_s), torch.where(better, err, best_err)
         elif float(err.sum()) < float(best_err.sum()):
             best_s, best_err = s, err
     codes = _int_codes(wf, best_s, bits)
-    scale = _snap(wf, codes, best_s, best_err, per_channel)
+    scale = _snap(wf, codes, best_s, best_err, per_channel, cw)
     return codes.to(torch.int16).reshape(w.shape), scale
 
 
-def _snap(w: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, err: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """The float32 step within :data:`SNAP_ULPS` ulps of ``s`` with the least error for ``codes`` (exact lattices)."""
+def _snap(w: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, err: torch.Tensor, per_channel: bool,
+          col_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 step within :data:`SNAP_ULPS` ulps of ``s`` with the least error (weighted as ``err`` was) for
+    ``codes`` (exact lattices)."""
     s = s.float().clone()
     cand = s
     for direction in (float("inf"), 0.0):
@@ -173,7 +185,8 @@ def _snap(w: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, err: torch.Tens
         for _ in range(SNAP_ULPS):
             cand = torch.nextafter(cand, torch.full_like(cand, direction))
             d = (codes * cand[:, None]).sub_(w)
-            e = d.mul_(d).sum(1, dtype=torch.float64)
+            d = d.mul_(d) if col_weight is None else d.mul_(d).mul_(col_weight)
+            e = d.sum(1, dtype=torch.float64)
             better = (e < err) if per_channel else (e.sum() < err.sum()).expand_as(e)
             s, err = torch.where(better, cand, s), torch.where(better, e, err)
     return s

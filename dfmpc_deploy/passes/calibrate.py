@@ -74,6 +74,7 @@ class Calibrate(Pass):
             if ctx.real_inputs is None:
                 raise UsageError("--recal real is a labelled reference that needs --data (it reads real images)")
             ctx.inputs = ctx.real_inputs.to(ctx.device)
+            ctx.shared["inputs_real"] = True
             ctx.estimator = f"REAL-DATA reference ({len(ctx.real_inputs)} images; not data-free)"
             return {"source": "real", "images": len(ctx.real_inputs)}
         if ctx.bn_status != "real":
@@ -99,6 +100,7 @@ class Calibrate(Pass):
         ctx.estimator = (f"synthetic BN-statistics matching ({n} samples at {ctx.input_shape[1]}x{ctx.input_shape[2]} "
                          f"px, {syn.steps} Adam steps{c2f}; no data)")
         per_bn = bn_matching_losses(fp, syn.inputs)
+        ctx.shared["bn_mismatch"] = per_bn  # recalibrate trusts the synthetic inputs where they match (step_by)
         return {"source": "synthetic", "samples": n, "steps_run": syn.steps, "steps_max": steps,
                 "coarse_steps": syn.coarse_steps,
                 "resolution": int(ctx.input_shape[1]), "stopped_early": syn.stopped_early,

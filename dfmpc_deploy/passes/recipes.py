@@ -83,7 +83,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            ((Quantize, {}), (SolveC, {"c_mode": "paper"}))),
     Recipe("zeroq", "ZeroQ: BN-statistics-matched synthetic inputs, every BN re-estimated", "synthetic", False,
            ((Quantize, {}), (Calibrate, {"recal": "synthetic"}),
-            (Recalibrate, {"rounding": "nearest", "recal_scope": "all", "stats": "absolute"})),
+            (Recalibrate, {"rounding": "nearest", "recal_scope": "all", "stats": "absolute", "step_by": "weights"})),
            without_statistics="refuse"),
     Recipe("gdfq", "GDFQ (Xu 2020): generator (BN statistics + class boundary) then STE fine-tuning", "synthetic", True,
            ((Quantize, {}), (Finetune, {})), without_statistics="refuse"),

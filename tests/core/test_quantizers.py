@@ -163,3 +163,32 @@ def test_int8_lattice_whose_codes_stop_below_127_comes_back_exactly(largest, per
     w = q.float() * torch.tensor(0.00268489774, dtype=torch.float32)
     codes, scale = int_grid(w, 8, per_channel)
     assert torch.equal(dequantize(codes, scale), w)
+
+
+def _weighted_error(w, codes, scale, col_weight):
+    return float(((dequantize(codes, scale) - w).flatten(1) ** 2 * col_weight).sum())
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weighted_step_has_the_least_weighted_error(bits, per_channel):
+    """``col_weight`` (a layer input's per-column energy) changes what the step minimises: the weighted choice is
+    never worse on the weighted error than the plain one, and uniform weights change nothing."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(16, 8, 3, 3, generator=g)
+    w[:, 0] *= 6  # strong weights on one input channel...
+    energy = torch.rand(8, generator=g).repeat_interleave(9) + 0.05
+    energy[:9] = 20.0  # ...whose input is strong too: clipping them costs output error, not just weight error
+    plain = int_grid(w, bits, per_channel)
+    weighted = int_grid(w, bits, per_channel, col_weight=energy)
+    assert _weighted_error(w, *weighted, energy) <= _weighted_error(w, *plain, energy) * (1 + 1e-6)
+    uniform = int_grid(w, bits, per_channel, col_weight=torch.ones(72))
+    assert all(torch.equal(a, b) for a, b in zip(uniform, plain))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weighted_step_keeps_int8_lattices_exact(per_channel):
+    w = _lattice(7, per_channel=False)
+    energy = torch.rand(w[0].numel(), generator=torch.Generator().manual_seed(1)) + 0.1
+    codes, scale = int_grid(w, 8, per_channel, col_weight=energy)
+    assert torch.equal(dequantize(codes, scale), w)

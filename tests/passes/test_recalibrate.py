@@ -9,7 +9,7 @@ from calib_free import collect_bn_stats, recalibrate_bn_
 from dfmpc_deploy.core.graph import GraphAnalysis, Role
 from dfmpc_deploy.passes.base import Context
 from dfmpc_deploy.passes.quantize import Quantize
-from dfmpc_deploy.passes.recalibrate import Recalibrate, batch_moments
+from dfmpc_deploy.passes.recalibrate import Recalibrate, batch_moments, column_energy
 from dfmpc_deploy.passes.rounding import best_grid_codes, grouped_codes, input_second_moment
 from tests.conftest import example_inputs, make_tiny_net
 
@@ -201,3 +201,78 @@ def test_auto_rounding_scope_is_the_low_layers_and_every_layer_of_at_most_4_bits
         Quantize(bits=bits).apply(ctx)
         ctx.inputs = example_inputs(16)
         assert Recalibrate().apply(ctx)["rounded_layers"] == rounded, bits
+
+
+def test_column_energy_is_the_diagonal_of_the_input_second_moment():
+    x = example_inputs(4)[:, :, :8, :8]
+    for m in (nn.Conv2d(3, 5, 3), nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 3, groups=3)):
+        xi = x if m.in_channels == 3 else torch.cat([x, x.flip(1)], 1)
+        e = column_energy(m, xi)
+        h = input_second_moment(m, xi)
+        diag = h.diagonal(dim1=-2, dim2=-1)
+        if m.groups > 1:  # (out, K): each row its group's diagonal
+            diag = diag.repeat_interleave(m.out_channels // m.groups, dim=0)
+        # without padding every position of a channel appears once per tap: equal up to the border positions
+        assert e.shape == diag.shape
+        assert torch.allclose(e, diag, rtol=0.35), m
+    lin = nn.Linear(7, 2)
+    z = torch.randn(5, 7)
+    assert torch.allclose(column_energy(lin, z), input_second_moment(lin, z).diagonal(), rtol=1e-5)
+
+
+def _step_ctx(bits="2/6", mismatch=None):
+    net = make_tiny_net()
+    ctx = _ctx(net, example_inputs(32))
+    if mismatch is not None:
+        ctx.shared["bn_mismatch"] = mismatch
+    return net, ctx
+
+
+def test_output_steps_only_where_the_synthetic_inputs_match_the_stored_statistics():
+    trusted = {"bn0": 0.0, "bn1": 0.0, "bn2": 0.0}
+    _, ctx = _step_ctx(mismatch=trusted)
+    high = [q.fqn for q in ctx.layers.values() if q.role != Role.LOW and q.bits > 2]
+    info = Recalibrate().apply(ctx)
+    with_bn = [n for n in high if n in ctx.graph.bn_after]
+    assert info["output_steps"] == len(with_bn) > 0
+    _, ctx = _step_ctx(mismatch={k: 1.0 for k in trusted})  # a poor synthesis: nothing read from it
+    assert Recalibrate().apply(ctx)["output_steps"] == 0
+    _, ctx = _step_ctx()  # no synthesis quality measured (and not real inputs): nothing either
+    assert Recalibrate().apply(ctx)["output_steps"] == 0
+    _, ctx = _step_ctx(mismatch=trusted)
+    before = {n: q.scale.clone() for n, q in ctx.layers.items()}
+    assert Recalibrate(step_by="weights").apply(ctx)["output_steps"] == 0
+    assert all(torch.equal(ctx.layers[n].scale, before[n]) for n in high)
+
+
+def test_output_step_lowers_the_output_error_on_the_inputs_it_read():
+    net, ctx = _step_ctx(mismatch={"bn0": 0.0, "bn1": 0.0, "bn2": 0.0})
+    fp = dict(net.named_modules())
+    name = next(n for n, q in ctx.layers.items() if q.role != Role.LOW and n in ctx.graph.bn_after)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(mod, inp):  # the input this layer saw in the walk (a pre-hook's return value would replace it)
+        seen.setdefault("x", inp[0].detach().clone())
+    hook = dict(ctx.model.named_modules())[name].register_forward_pre_hook(keep)
+    q_before = copy.deepcopy(ctx.layers[name])
+    Recalibrate(rounding="nearest", stats="delta").apply(ctx)
+    hook.remove()
+    m = fp[name]
+    h = input_second_moment(m, seen["x"])
+    w = m.weight.detach().flatten(1)
+
+    def err(q):
+        d = q.weight().flatten(1) - w
+        return float(torch.einsum("rk,kl,rl->", d, h, d))
+    e = column_energy(m, seen["x"])
+
+    def diag_err(q):
+        return float(((q.weight().flatten(1) - w) ** 2 * e).sum())
+    assert diag_err(ctx.layers[name]) <= diag_err(q_before) + 1e-9
+    assert err(ctx.layers[name]) <= err(q_before) * 1.05  # the full second moment agrees up to its off-diagonal
+
+
+def test_zeroq_keeps_the_weight_error_step():
+    from dfmpc_deploy.passes.recipes import RECIPES
+    spec = dict(RECIPES["zeroq"].passes)[Recalibrate]
+    assert spec["step_by"] == "weights" and spec["rounding"] == "nearest"
