@@ -28,11 +28,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.graph import GraphAnalysis, Link
+from ..core.config import BitsSpec, parse_bits
+from ..core.graph import GraphAnalysis, Link, Role
+from ..core.quantizers import DEFAULT_GRID
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
 
-__all__ = ["Equalize", "BiasCorrect", "cross_layer_equalize", "cle_links", "cle_blocked_links"]
+__all__ = ["Equalize", "EqualizeRows", "BiasCorrect", "cross_layer_equalize", "equalize_rows", "cle_links",
+           "cle_blocked_links"]
 
 
 def _depthwise(m: nn.Module) -> bool:
@@ -193,3 +196,77 @@ class BiasCorrect(Pass):
         steps = " + ".join(ctx.shared.get("steps", []) + ["analytic bias correction"])
         ctx.estimator = f"none (data-free: {steps} from BN statistics)"
         return {"corrected_layers": done}
+
+
+@torch.no_grad()
+def equalize_rows(model: nn.Module, graph: GraphAnalysis, names: set[str]) -> tuple[nn.Module, dict[str, float]]:
+    """A copy of ``model`` in which every conv of ``names`` whose sole consumer is a BN with statistics has each
+    output row scaled to the largest row's range, the BN absorbing the scale (exact, in real arithmetic):
+    ``W[j] *= f_j``, ``b_j *= f_j``, ``mu_j *= f_j``, ``var_j <- f_j^2 (var_j + eps) - eps``, with
+    ``f_j = max_i max|W[i]| / max|W[j]|`` (f >= 1, so the new variance is never negative), since
+    ``(f z - f mu) / sqrt(f^2 (var + eps)) = (z - mu) / sqrt(var + eps)``.
+
+    Returns:
+        (the copy, ``{conv: largest / smallest non-zero row range before}``).
+    """
+    eq = copy.deepcopy(model).eval()
+    mods = dict(eq.named_modules())
+    spread: dict[str, float] = {}
+    for fqn, bn_name in graph.bn_after.items():
+        conv, bn = mods[fqn], mods[bn_name]
+        if fqn not in names or not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            continue
+        if bn.running_mean is None or bn.running_var is None:
+            continue
+        r = conv.weight.detach().flatten(1).abs().amax(1)
+        live = r > 0
+        if not bool(live.any()):
+            continue
+        f = torch.where(live, r.max() / torch.where(live, r, torch.ones_like(r)), torch.ones_like(r))
+        conv.weight.mul_(f.reshape(-1, *[1] * (conv.weight.dim() - 1)))
+        if conv.bias is not None:
+            conv.bias.mul_(f)
+        bn.running_mean.mul_(f)
+        bn.running_var.copy_(f * f * (bn.running_var + bn.eps) - bn.eps)
+        spread[fqn] = float(r.max() / r[live].min())
+    return eq, spread
+
+
+@register_pass
+@dataclass(frozen=True)
+class EqualizeRows(Pass):
+    """Per-tensor k-bit grids on a model with BN statistics: every output row of a conv spans the tensor's range.
+
+    A conv whose sole consumer is a BatchNorm with statistics can scale each output row freely: the BN normalises the
+    scale away (:func:`equalize_rows`, exact). A per-tensor grid is as coarse as the widest row, so rows a decade
+    narrower (MobileNetV2's depthwise and projection layers) round to a few levels; with every row scaled to the
+    widest, one step serves every row. Unlike CLE (:class:`Equalize`), nothing moves into the next layer and the BN
+    keeps its statistics, so synthesis and the statistics corrections run afterwards as before. Ternary layers keep
+    the paper's TWN threshold on the weights as published; per-channel grids need nothing. ``bits``, ``per_channel``
+    and ``grid`` are the quantize pass's own settings, read here too.
+    """
+
+    name = "equalize_rows"
+    bits: BitsSpec = BitsSpec(2, 6)
+    per_channel: bool = False
+    grid: str = DEFAULT_GRID
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, str):
+            object.__setattr__(self, "bits", parse_bits(self.bits))
+
+    def apply(self, ctx: Context) -> dict:
+        if ctx.layers:
+            raise UsageError("equalize_rows must run before the quantize pass (it changes the weights to quantize)")
+        if self.per_channel:
+            return {"skipped": "per-channel grids (each row has its own step)"}
+        if ctx.bn_status != "real":
+            return {"skipped": f"BN statistics {ctx.bn_status}"}
+        names = {r.fqn for r in ctx.graph.roles
+                 if (self.bits.low if r.role == Role.LOW else self.bits.high) > 2}
+        eq, spread = equalize_rows(ctx.fp_model, ctx.graph, names)
+        ctx.fp_model, ctx.model = eq, copy.deepcopy(eq).eval()
+        vals = sorted(spread.values())
+        return {"layers": len(spread),
+                "row_range_spread": {"median": round(vals[len(vals) // 2], 2), "max": round(vals[-1], 2)}
+                if vals else None}

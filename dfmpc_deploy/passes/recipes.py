@@ -7,11 +7,13 @@ accounting are identical; only how the weights and the float state (BN statistic
 =============  ======================================================================================================
 ``rtn``        quantize (round-to-nearest, FP statistics).
 ``dfq``        equalize -> quantize -> bias_correct (Nagel et al. 2019: CLE + analytic bias correction, data-free).
-``dfmpc``      quantize -> calibrate -> allocate -> recalibrate -> solve_c: this project's default (synthetic
-               inputs, statistics corrected by the change quantization makes or re-estimated (chosen on held-out
-               synthetic inputs), error feedback on every layer, grid search; c solved and reported; allocation
-               only under a budget). Recalibrate is guarded: undone when it does not bring the model closer to the
-               FP model on held-out synthetic inputs (passes/guard.py).
+``dfmpc``      equalize_rows -> quantize -> calibrate -> allocate -> recalibrate -> solve_c: this project's default
+               (per-tensor k-bit rows equalised into their BN, exact; synthetic inputs, statistics corrected by the
+               change quantization makes or re-estimated (chosen on held-out synthetic inputs), error feedback on
+               the low layers and every layer of at most 4 bits, grid search, int steps by output error where the
+               synthesis is trusted; c solved and reported; allocation only under a budget). Recalibrate is guarded:
+               undone when it does not bring the model closer to the FP model on held-out synthetic inputs
+               (passes/guard.py).
 ``dfmpc-paper`` quantize -> solve_c (folded): the equations as printed (FP statistics, nearest rounding).
 ``zeroq``      quantize -> calibrate -> recalibrate (every BN, nearest rounding): Cai et al. 2020.
 ``gdfq``       quantize -> finetune: Xu et al. 2020 (generator + straight-through fine-tuning).
@@ -43,7 +45,7 @@ from ..io.container import packed_nbytes
 from .allocate import Allocate
 from .base import PASS_CLASSES, PassSpec, Recipe, RecipeRun, register_recipes, run_recipe
 from .calibrate import Calibrate
-from .equalize import BiasCorrect, Equalize, cle_blocked_links
+from .equalize import BiasCorrect, Equalize, EqualizeRows, cle_blocked_links
 from .finetune import Finetune
 from .quantize import Quantize
 from .recalibrate import Recalibrate
@@ -69,7 +71,8 @@ def _grids_for_equalisation(graph: GraphAnalysis, model: nn.Module,
         f"model cannot take ({acts} is not positively homogeneous)"]
 
 
-_DFMPC: tuple[PassSpec, ...] = ((Quantize, {}), (Calibrate, {}), (Allocate, {}), (Recalibrate, {}), (SolveC, {}))
+_DFMPC: tuple[PassSpec, ...] = ((EqualizeRows, {}), (Quantize, {}), (Calibrate, {}), (Allocate, {}), (Recalibrate, {}),
+                                 (SolveC, {}))
 
 #: name -> Recipe, in table order
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
@@ -89,8 +92,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            ((Quantize, {}), (Finetune, {})), without_statistics="refuse"),
     Recipe("dfmpc-alloc", "DF-MPC with per-layer widths from data-free sensitivity under the same size budget",
            "synthetic", False,
-           ((Quantize, {}), (Calibrate, {}), (Allocate, {"default_budget": "fixed-pairing"}), (Recalibrate, {}),
-            (SolveC, {})), without_statistics="dfmpc-weights", guard=True),
+           ((EqualizeRows, {}), (Quantize, {}), (Calibrate, {}), (Allocate, {"default_budget": "fixed-pairing"}),
+            (Recalibrate, {}), (SolveC, {})), without_statistics="dfmpc-weights", guard=True),
     Recipe("dfmpc-weights", "DF-MPC from the weights alone (no BN statistics): CLE for per-tensor grids, grid step "
            "by weight error, bias correction from propagated moments", "none", False,
            ((EqualizeForGrid, {}), (Quantize, {}), (FitWeights, {"fit_c": False}), (CorrectBias, {})),
