@@ -30,7 +30,7 @@ from torch import nn
 
 from ..core.config import BitsSpec, parse_bits
 from ..core.graph import GraphAnalysis, Link, Role
-from ..core.quantizers import DEFAULT_GRID
+from ..core.quantizers import DEFAULT_GRID, dequantize, quantize_weight
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
 
@@ -198,38 +198,58 @@ class BiasCorrect(Pass):
         return {"corrected_layers": done}
 
 
+def _normalised_error(w: torch.Tensor, w_hat: torch.Tensor, gain: torch.Tensor) -> float:
+    """``sum_j gain_j^2 ||w_hat_j - w_j||^2``: a BN-followed conv's rounding error in the units the BN outputs."""
+    return float(((w_hat - w).flatten(1).double() ** 2).sum(1).mul(gain.double() ** 2).sum())
+
+
 @torch.no_grad()
-def equalize_rows(model: nn.Module, graph: GraphAnalysis, names: set[str]) -> tuple[nn.Module, dict[str, float]]:
-    """A copy of ``model`` in which every conv of ``names`` whose sole consumer is a BN with statistics has each
+def equalize_rows(model: nn.Module, graph: GraphAnalysis, bits: dict[str, int],
+                  grid: str = DEFAULT_GRID) -> tuple[nn.Module, dict[str, float], list[str]]:
+    """A copy of ``model`` in which every conv of ``bits`` whose sole consumer is a BN with statistics has each
     output row scaled to the largest row's range, the BN absorbing the scale (exact, in real arithmetic):
     ``W[j] *= f_j``, ``b_j *= f_j``, ``mu_j *= f_j``, ``var_j <- f_j^2 (var_j + eps) - eps``, with
     ``f_j = max_i max|W[i]| / max|W[j]|`` (f >= 1, so the new variance is never negative), since
     ``(f z - f mu) / sqrt(f^2 (var + eps)) = (z - mu) / sqrt(var + eps)``.
 
+    A layer is equalised only if that lowers its per-tensor rounding error at its width as the BN passes it on
+    (each row's squared error times ``(gamma_j / sqrt(var_j + eps))^2``, in the original units): weights already on
+    a per-tensor lattice, for example, stay as they are.
+
     Returns:
-        (the copy, ``{conv: largest / smallest non-zero row range before}``).
+        (the copy, ``{equalised conv: largest / smallest non-zero row range before}``, the convs left as they were).
     """
     eq = copy.deepcopy(model).eval()
     mods = dict(eq.named_modules())
     spread: dict[str, float] = {}
+    kept: list[str] = []
     for fqn, bn_name in graph.bn_after.items():
         conv, bn = mods[fqn], mods[bn_name]
-        if fqn not in names or not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+        if fqn not in bits or not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
             continue
         if bn.running_mean is None or bn.running_var is None:
             continue
-        r = conv.weight.detach().flatten(1).abs().amax(1)
+        w = conv.weight.detach()
+        r = w.flatten(1).abs().amax(1)
         live = r > 0
         if not bool(live.any()):
             continue
         f = torch.where(live, r.max() / torch.where(live, r, torch.ones_like(r)), torch.ones_like(r))
-        conv.weight.mul_(f.reshape(-1, *[1] * (conv.weight.dim() - 1)))
+        shape = (-1, *[1] * (w.dim() - 1))
+        gain = (bn.weight.detach() if bn.weight is not None else torch.ones_like(r)) / torch.sqrt(
+            bn.running_var + bn.eps)
+        plain = dequantize(*quantize_weight(w, bits[fqn], False, grid))
+        equalised = dequantize(*quantize_weight(w * f.reshape(shape), bits[fqn], False, grid)) / f.reshape(shape)
+        if _normalised_error(w, equalised, gain) >= _normalised_error(w, plain, gain):
+            kept.append(fqn)
+            continue
+        conv.weight.mul_(f.reshape(shape))
         if conv.bias is not None:
             conv.bias.mul_(f)
         bn.running_mean.mul_(f)
         bn.running_var.copy_(f * f * (bn.running_var + bn.eps) - bn.eps)
         spread[fqn] = float(r.max() / r[live].min())
-    return eq, spread
+    return eq, spread, kept
 
 
 @register_pass
@@ -241,7 +261,8 @@ class EqualizeRows(Pass):
     scale away (:func:`equalize_rows`, exact). A per-tensor grid is as coarse as the widest row, so rows a decade
     narrower (MobileNetV2's depthwise and projection layers) round to a few levels; with every row scaled to the
     widest, one step serves every row. Unlike CLE (:class:`Equalize`), nothing moves into the next layer and the BN
-    keeps its statistics, so synthesis and the statistics corrections run afterwards as before. Ternary layers keep
+    keeps its statistics, so synthesis and the statistics corrections run afterwards as before. A layer is equalised
+    only where that lowers its rounding error as the BN passes it on (:func:`equalize_rows`). Ternary layers keep
     the paper's TWN threshold on the weights as published; per-channel grids need nothing. ``bits``, ``per_channel``
     and ``grid`` are the quantize pass's own settings, read here too.
     """
@@ -262,11 +283,11 @@ class EqualizeRows(Pass):
             return {"skipped": "per-channel grids (each row has its own step)"}
         if ctx.bn_status != "real":
             return {"skipped": f"BN statistics {ctx.bn_status}"}
-        names = {r.fqn for r in ctx.graph.roles
-                 if (self.bits.low if r.role == Role.LOW else self.bits.high) > 2}
-        eq, spread = equalize_rows(ctx.fp_model, ctx.graph, names)
+        widths = {r.fqn: self.bits.low if r.role == Role.LOW else self.bits.high for r in ctx.graph.roles}
+        eq, spread, kept = equalize_rows(ctx.fp_model, ctx.graph, {n: b for n, b in widths.items() if b > 2},
+                                         self.grid)
         ctx.fp_model, ctx.model = eq, copy.deepcopy(eq).eval()
         vals = sorted(spread.values())
-        return {"layers": len(spread),
+        return {"layers": len(spread), "left_as_they_were": len(kept),
                 "row_range_spread": {"median": round(vals[len(vals) // 2], 2), "max": round(vals[-1], 2)}
                 if vals else None}

@@ -65,7 +65,7 @@ def test_row_equalisation_is_exact_and_gives_every_row_the_widest_range():
     net = make_tiny_net()
     g = GraphAnalysis.of(net)
     names = set(g.bn_after)
-    eq, spread = equalize_rows(net, g, names)
+    eq, spread, _ = equalize_rows(net, g, dict.fromkeys(names, 4))
     x = example_inputs(64)
     with torch.no_grad():
         assert torch.allclose(eq(x), net(x), atol=1e-5, rtol=1e-5), "row equalisation changed the FP function"
@@ -89,7 +89,8 @@ def test_row_equalisation_only_for_per_tensor_k_bit_layers_with_statistics():
     m = dict(ctx.fp_model.named_modules())
     for n in low:  # ternary layers keep the weights TWN's threshold is defined on
         assert torch.equal(m[n].weight, dict(net.named_modules())[n].weight), n
-    assert info["layers"] == len({n for n in g.bn_after if n not in low and isinstance(m[n], torch.nn.Conv2d)})
+    assert info["layers"] + info["left_as_they_were"] == len(
+        {n for n in g.bn_after if n not in low and isinstance(m[n], torch.nn.Conv2d)})
     ctx = Context(fp_model=net, model=copy.deepcopy(net), graph=g, input_shape=SHAPE)
     assert "skipped" in EqualizeRows(bits="6", per_channel=True).apply(ctx) and ctx.fp_model is net
     ctx = Context(fp_model=net, model=copy.deepcopy(net), graph=g, input_shape=SHAPE, bn_status="identity")
@@ -100,7 +101,7 @@ def test_row_equalisation_lowers_the_per_tensor_error_seen_after_the_bn():
     """What a BN-followed conv's error costs is its error in BN-normalised units: lower after equalisation."""
     net = make_tiny_net()
     g = GraphAnalysis.of(net)
-    eq, _ = equalize_rows(net, g, set(g.bn_after))
+    eq, _, _ = equalize_rows(net, g, dict.fromkeys(g.bn_after, 4))
 
     def normalised_error(model):
         mods, total = dict(model.named_modules()), 0.0
@@ -121,3 +122,15 @@ def test_dfmpc_recipes_equalise_rows_first():
         assert RECIPES[name].passes[0][0] is EqualizeRows
     for name in ("rtn", "zeroq", "gdfq", "dfmpc-paper"):
         assert all(p[0] is not EqualizeRows for p in RECIPES[name].passes), name
+
+
+def test_row_equalisation_leaves_a_per_tensor_lattice_alone():
+    net = make_tiny_net()
+    g = GraphAnalysis.of(net)
+    with torch.no_grad():
+        w = net.conv1.weight
+        q = torch.randint(-128, 128, w.shape, generator=torch.Generator().manual_seed(0))
+        w.copy_(q.float() * 0.0123)
+    eq, spread, kept = equalize_rows(net, g, dict.fromkeys(g.bn_after, 8))
+    assert "conv1" in kept and "conv1" not in spread
+    assert torch.equal(dict(eq.named_modules())["conv1"].weight, net.conv1.weight)
