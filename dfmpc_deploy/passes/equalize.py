@@ -33,6 +33,7 @@ from ..core.graph import GraphAnalysis, Link, Role
 from ..core.quantizers import DEFAULT_GRID, dequantize, quantize_weight
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
+from .quantize import bits_option, grid_option, per_channel_option
 
 __all__ = ["Equalize", "EqualizeRows", "BiasCorrect", "cross_layer_equalize", "equalize_rows", "cle_links",
            "cle_blocked_links"]
@@ -268,9 +269,9 @@ class EqualizeRows(Pass):
     """
 
     name = "equalize_rows"
-    bits: BitsSpec = BitsSpec(2, 6)
-    per_channel: bool = False
-    grid: str = DEFAULT_GRID
+    bits: BitsSpec = bits_option()
+    per_channel: bool = per_channel_option()
+    grid: str = grid_option()
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, str):

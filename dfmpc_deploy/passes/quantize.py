@@ -9,6 +9,7 @@ model computes with ``codes * scale`` exactly. Each layer records its grid, whic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from ..core.state import QuantLayer
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
 
-__all__ = ["Quantize", "set_weights_", "requantize_"]
+__all__ = ["Quantize", "set_weights_", "requantize_", "bits_option", "per_channel_option", "grid_option"]
 
 
 def set_weights_(model: nn.Module, layers: dict[str, QuantLayer]) -> None:
@@ -40,6 +41,27 @@ def requantize_(ctx: Context, fqn: str, bits: int, role: Role) -> None:
     ctx.layers[fqn] = QuantLayer(fqn, q.kind, role, bits, codes, scale, partner=q.partner, grid=ctx.grid)
 
 
+def bits_option() -> Any:
+    """The ``--bits`` field, declared alike by every pass that reads it."""
+    return option(BitsSpec(2, 6), flag="--bits", parse=parse_bits, metavar="LOW/HIGH",
+                  help="bit widths of the low and high layers of each pair, 2 <= LOW <= HIGH <= 8; "
+                       "2 = ternary; one number = every layer at that width")
+
+
+def per_channel_option() -> Any:
+    """The ``--per-channel`` field, declared alike by every pass that reads it."""
+    return option(False, flag="--per-channel", action="store_true",
+                  help="per-output-channel quantizer ranges (the paper's are layer-wise)")
+
+
+def grid_option() -> Any:
+    """The ``--grid`` field, declared alike by every pass that reads it."""
+    return option(DEFAULT_GRID, flag="--grid", choices=GRIDS,
+                  help="k-bit grid (3..8 bits; 2 bits is always ternary): 'int' = symmetric integers with a "
+                       "zero level, step by least weight error (what TensorRT/ONNX INT8 execute; int8-lattice "
+                       "weights come back exactly at 8 bits), 'dorefa' = the paper's Eq. 6 (no zero level)")
+
+
 @register_pass
 @dataclass(frozen=True)
 class Quantize(Pass):
@@ -52,15 +74,9 @@ class Quantize(Pass):
     """
 
     name = "quantize"
-    bits: BitsSpec = option(BitsSpec(2, 6), flag="--bits", parse=parse_bits, metavar="LOW/HIGH",
-                            help="bit widths of the low and high layers of each pair, 2 <= LOW <= HIGH <= 8; "
-                                 "2 = ternary; one number = every layer at that width")
-    per_channel: bool = option(False, flag="--per-channel", action="store_true",
-                               help="per-output-channel quantizer ranges (the paper's are layer-wise)")
-    grid: str = option(DEFAULT_GRID, flag="--grid", choices=GRIDS,
-                       help="k-bit grid (3..8 bits; 2 bits is always ternary): 'int' = symmetric integers with a "
-                            "zero level, step by least weight error (what TensorRT/ONNX INT8 execute; int8-lattice "
-                            "weights come back exactly at 8 bits), 'dorefa' = the paper's Eq. 6 (no zero level)")
+    bits: BitsSpec = bits_option()
+    per_channel: bool = per_channel_option()
+    grid: str = grid_option()
 
     def __post_init__(self) -> None:
         try:

@@ -31,13 +31,13 @@ from torch import nn
 
 from calib_free.ranges import estimate_act_ranges
 
-from ..core.options import option
 from ..core.quantizers import round_to_grid
 from ..core.state import QuantLayer
 from ..core.threads import one_thread
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
 from .equalize import Equalize
+from .quantize import per_channel_option
 from .rounding import GRID_MULTIPLIERS
 
 __all__ = ["EqualizeForGrid", "FitWeights", "CorrectBias", "fit_layer"]
@@ -104,8 +104,7 @@ class EqualizeForGrid(Equalize):
     setting (``--per-channel``), read here too.
     """
 
-    per_channel: bool = option(False, flag="--per-channel", action="store_true",
-                               help="per-output-channel quantizer ranges (the paper's are layer-wise)")
+    per_channel: bool = per_channel_option()
 
     def apply(self, ctx: Context) -> dict:
         if self.per_channel:

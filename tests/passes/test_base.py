@@ -44,7 +44,8 @@ def test_overrides_are_derived_from_the_pass_fields():
     _, msgs = paper.configure({"c_mode": "off", "lambda1": 0.3})
     assert msgs == ["--c-mode off is replaced by dfmpc-paper's paper"]
     passes, msgs = RECIPES["dfmpc"].configure({})
-    assert msgs == [] and [p.name for p in passes] == ["quantize", "calibrate", "allocate", "recalibrate", "solve_c"]
+    assert msgs == [] and [p.name for p in passes] == ["equalize_rows", "quantize", "calibrate", "allocate",
+                                                       "recalibrate", "solve_c"]
 
 
 def test_a_recipe_that_ignores_a_budget_really_ignores_it():
