@@ -127,19 +127,6 @@ def column_energy(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return per_group.repeat_interleave(conv.out_channels // conv.groups, dim=0)
 
 
-def patch_rows(module: nn.Module, x: torch.Tensor) -> int:
-    """How many input patches (im2col rows) ``module`` sees in ``x``: the sample count its second moment rests on."""
-    if isinstance(module, nn.Conv2d):
-        h, w = x.shape[-2:]
-        k, s, p, d = module.kernel_size, module.stride, module.padding, module.dilation
-        if isinstance(p, str):
-            return int(x.shape[0] * h * w)
-        oh = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-        ow = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-        return int(x.shape[0] * oh * ow)
-    return int(x.numel() // x.shape[-1])
-
-
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and unbiased variance of an (N, C, H, W) activation."""
     return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True)
@@ -218,7 +205,6 @@ class Recalibrate(Pass):
                                "(least output error on the synthetic inputs, diagonal second moment) or 'weights' "
                                "(least weight error, the quantize pass's choice kept)")
     grid_search: bool = True
-    full_rank_only: bool = False
     max_k: int = 4608
     hessian_rows: int | None = None
 
@@ -258,7 +244,6 @@ class Recalibrate(Pass):
         chosen: dict[str, float] = {}
         timing = {"hessian": 0.0, "rounding": 0.0}
         restepped = {"changed": 0}
-        singular: list[str] = []
 
         def restep_layer(name: str, m: nn.Conv2d | nn.Linear, x: torch.Tensor) -> None:
             q = ctx.layers[name]
@@ -275,9 +260,6 @@ class Recalibrate(Pass):
 
         def round_layer(name: str, m: nn.Conv2d | nn.Linear, x: torch.Tensor) -> None:
             q = ctx.layers[name]
-            if self.full_rank_only and patch_rows(m, x) < m.weight[0].numel():
-                singular.append(name)
-                return
             t = time.perf_counter()
             h = input_second_moment(m, x, self.hessian_rows)
             timing["hessian"] += time.perf_counter() - t
@@ -314,7 +296,6 @@ class Recalibrate(Pass):
                                 "grouped_rounded": sum(getattr(mods[n], "groups", 1) > 1 for n in todo),
                                 "grid_multipliers": hist, "output_steps": len(restep),
                                 "output_steps_changed": restepped["changed"],
-                                "singular_skipped": len(singular),
                                 "hessian_seconds": round(timing["hessian"], 3),
                                 "rounding_seconds": round(timing["rounding"], 3), "stats": mode}
         if self.stats == "auto" and scope and ctx.holdout is not None:
