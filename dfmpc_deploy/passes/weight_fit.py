@@ -24,6 +24,7 @@ None of them reads data or statistics.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -31,13 +32,15 @@ from torch import nn
 
 from calib_free.ranges import estimate_act_ranges
 
-from ..core.quantizers import round_to_grid
+from ..core.config import BitsSpec, parse_bits
+from ..core.graph import Role
+from ..core.quantizers import dequantize, quantize_weight, round_to_grid
 from ..core.state import QuantLayer
 from ..core.threads import one_thread
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
 from .equalize import Equalize
-from .quantize import per_channel_option
+from .quantize import bits_option, grid_option, per_channel_option
 from .rounding import GRID_MULTIPLIERS
 
 __all__ = ["EqualizeForGrid", "FitWeights", "CorrectBias", "fit_layer"]
@@ -105,12 +108,41 @@ class EqualizeForGrid(Equalize):
     """
 
     per_channel: bool = per_channel_option()
+    bits: BitsSpec = bits_option()
+    grid: str = grid_option()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.bits, str):
+            object.__setattr__(self, "bits", parse_bits(self.bits))
 
     def apply(self, ctx: Context) -> dict:
         if self.per_channel:
             return {"skipped": "per-channel grids (CLE serves per-tensor grids)"}
+        before, shared = ctx.fp_model, dict(ctx.shared)
         with one_thread():
-            return super().apply(ctx)
+            info = super().apply(ctx)
+            widths = {r.fqn: self.bits.low if r.role == Role.LOW else self.bits.high for r in ctx.graph.roles}
+            plain, cle = (_rounding_error(m, widths, self.grid) for m in (before, ctx.fp_model))
+        errors = {"rounding_error": round(plain, 6), "rounding_error_cle": round(cle, 6)}
+        if cle >= plain:  # e.g. weights already on a per-tensor lattice (rounding error 0): CLE would only cost
+            ctx.fp_model, ctx.model = before, copy.deepcopy(before).eval()
+            ctx.shared.clear()
+            ctx.shared.update(shared)
+            return {"skipped": "CLE would not lower the per-tensor rounding error", **errors}
+        return {**info, **errors}
+
+
+def _rounding_error(model: nn.Module, widths: dict[str, int], grid: str) -> float:
+    """Sum over the layers of ``widths`` of the per-tensor relative rounding error ``||W - Q(W)||^2 / ||W||^2``."""
+    mods = dict(model.named_modules())
+    total = 0.0
+    for fqn, bits in widths.items():
+        w = mods[fqn].weight.detach()
+        norm = float(w.double().pow(2).sum())
+        if norm > 0:
+            total += float((dequantize(*quantize_weight(w, bits, False, grid)) - w).double().pow(2).sum()) / norm
+    return total
 
 
 @register_pass

@@ -154,3 +154,21 @@ def test_dfmpc_weights_takes_per_channel_grids_where_equalisation_cannot_run(act
     if blocked:
         x = smooth_inputs(128)
         assert _err(mp.module, net, x) < _err(kept.module, net, x)
+
+
+def test_cle_is_kept_only_where_it_lowers_the_per_tensor_rounding_error():
+    """Weights on a per-tensor int8 lattice (a QAT model with folded BN) round exactly at 8 bits: CLE would move them
+    off it, so it is skipped and the 8-bit model is the FP one; at 3 bits CLE lowers the error and runs."""
+    net = tiny_ir(nn.ReLU, folded=True)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                q = torch.randint(-127, 128, m.weight.shape, generator=torch.Generator().manual_seed(m.weight.numel()))
+                m.weight.copy_(q.float() * (float(m.weight.abs().max()) / 127))
+    mp = compensate(net, SHAPE, "dfmpc", bits="8")
+    info = mp.config.record("equalize").info
+    assert "skipped" in info and info["rounding_error"] == 0.0 < info["rounding_error_cle"]
+    for name, q in mp.layers.items():
+        assert torch.equal(q.weight(), dict(net.named_modules())[name].weight), name
+    info3 = compensate(net, SHAPE, "dfmpc", bits="3").config.record("equalize").info
+    assert "skipped" not in info3 and info3["rounding_error_cle"] < info3["rounding_error"]
