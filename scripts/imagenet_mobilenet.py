@@ -112,8 +112,10 @@ def _md(cells: list[dict], fp32: dict) -> list[str]:
             continue
         g = (c["passes"].get("recalibrate") or {}).get("guard")
         kept = "-" if g is None else ("kept" if g["kept"] else "undone")
+        ref = fp32.get(c["file"], {}).get("top1")  # (absent when another run of this script wrote the summary)
+        delta = "" if ref is None else f"{c['top1'] - ref:+.2f}"
         out.append(f"| {c['file']} | {c['bits']} | {c['grid']} | {c['method']} ({c['recipe_ran']}) | {c['top1']:.2f} | "
-                   f"{c['top5']:.2f} | {c['top1'] - fp32[c['file']]['top1']:+.2f} | {c['packed_mib']:.3f} | "
+                   f"{c['top5']:.2f} | {delta} | {c['packed_mib']:.3f} | "
                    f"{c['seconds']:.1f} | {c['forward_ratio']:.1f} | {kept} |")
     return out
 
