@@ -290,21 +290,26 @@ def test_an_ignored_signal_stays_ignored():
 
 
 def test_interrupt_during_the_final_swap_waits_for_it(tmp_path, monkeypatch, caplog):
-    (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "old.txt").write_text("old")
-    real = od._exchange
+    # Ctrl-C's handler as in a terminal, whatever started the tests (`&` and nohup pass SIGINT on ignored)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        (tmp_path / "o").mkdir()
+        (tmp_path / "o" / "old.txt").write_text("old")
+        real = od._exchange
 
-    def interrupted_exchange(a, b):
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the commit
-        return real(a, b)
+        def interrupted_exchange(a, b):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the commit
+            return real(a, b)
 
-    monkeypatch.setattr(od, "_exchange", interrupted_exchange)
-    with caplog.at_level(logging.WARNING, logger="dfmpc_deploy"):
-        try:
-            with OutputDir(tmp_path / "o", force=True) as work:
-                (work / "new.txt").write_text("new")
-        except KeyboardInterrupt:
-            pytest.fail(f"interrupted half-way through the commit: {_tree(tmp_path)}")
-    assert _tree(tmp_path) == ["o", "o/new.txt"]  # committed whole, no KeyboardInterrupt half-way
-    assert "SIGINT arrived while --out was being moved into place" in caplog.text
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        monkeypatch.setattr(od, "_exchange", interrupted_exchange)
+        with caplog.at_level(logging.WARNING, logger="dfmpc_deploy"):
+            try:
+                with OutputDir(tmp_path / "o", force=True) as work:
+                    (work / "new.txt").write_text("new")
+            except KeyboardInterrupt:
+                pytest.fail(f"interrupted half-way through the commit: {_tree(tmp_path)}")
+        assert _tree(tmp_path) == ["o", "o/new.txt"]  # committed whole, no KeyboardInterrupt half-way
+        assert "SIGINT arrived while --out was being moved into place" in caplog.text
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -124,7 +124,9 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_goes_on(tmp_path):
                       {"synth_steps": 10, "threads": 1})  # a quick cell, then one that is still running
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "dfmpc_deploy", "sweep", str(grid), "--out", str(out), "--max-parallel", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches a sweep whose SIGINT is not ignored (a test run started with `&` or nohup would pass SIG_IGN on)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
