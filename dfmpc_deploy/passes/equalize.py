@@ -29,14 +29,14 @@ import torch
 from torch import nn
 
 from ..core.config import BitsSpec, parse_bits
-from ..core.graph import GraphAnalysis, Link, Role
+from ..core.graph import GraphAnalysis, Link
 from ..core.quantizers import DEFAULT_GRID, dequantize, quantize_weight
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
-from .quantize import bits_option, grid_option, per_channel_option
+from .quantize import bits_option, grid_option, per_channel_option, role_widths
 
-__all__ = ["Equalize", "EqualizeRows", "BiasCorrect", "cross_layer_equalize", "equalize_rows", "cle_links",
-           "cle_blocked_links"]
+__all__ = ["Equalize", "EqualizeRows", "BiasCorrect", "cross_layer_equalize", "equalize_rows",
+           "require_before_quantize", "cle_links", "cle_blocked_links"]
 
 
 def _depthwise(m: nn.Module) -> bool:
@@ -137,13 +137,22 @@ class Equalize(Pass):
             raise UsageError(f"equalize: max_passes={self.max_passes} must be >= 1 and tol={self.tol} > 0")
 
     def apply(self, ctx: Context) -> dict:
-        if ctx.layers:
-            raise UsageError("equalize must run before the quantize pass (it changes the weights to quantize)")
-        eq, pre = cross_layer_equalize(ctx.fp_model, ctx.graph, self.max_passes, self.tol)
+        require_before_quantize(ctx, self.name)
+        return self._commit(ctx, *cross_layer_equalize(ctx.fp_model, ctx.graph, self.max_passes, self.tol))
+
+    @staticmethod
+    def _commit(ctx: Context, eq: nn.Module, pre: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """Make the equalised copy ``eq`` the FP reference (and the working model) of ``ctx``."""
         ctx.fp_model, ctx.model = eq, copy.deepcopy(eq).eval()
         ctx.shared["bn_pre"] = pre
         ctx.shared["steps"] = ctx.shared.get("steps", []) + ["CLE"]
         return {"links": len(cle_links(ctx.graph, dict(eq.named_modules()))), "folded_bn": len(pre)}
+
+
+def require_before_quantize(ctx: Context, name: str) -> None:
+    """A pass that changes the weights to quantize refuses to run once they are quantized."""
+    if ctx.layers:
+        raise UsageError(f"{name} must run before the quantize pass (it changes the weights to quantize)")
 
 
 def _relu_mean(m: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
@@ -278,13 +287,12 @@ class EqualizeRows(Pass):
             object.__setattr__(self, "bits", parse_bits(self.bits))
 
     def apply(self, ctx: Context) -> dict:
-        if ctx.layers:
-            raise UsageError("equalize_rows must run before the quantize pass (it changes the weights to quantize)")
+        require_before_quantize(ctx, self.name)
         if self.per_channel:
             return {"skipped": "per-channel grids (each row has its own step)"}
         if ctx.bn_status != "real":
             return {"skipped": f"BN statistics {ctx.bn_status}"}
-        widths = {r.fqn: self.bits.low if r.role == Role.LOW else self.bits.high for r in ctx.graph.roles}
+        widths = role_widths(ctx.graph, self.bits)
         eq, spread, kept = equalize_rows(ctx.fp_model, ctx.graph, {n: b for n, b in widths.items() if b > 2},
                                          self.grid)
         ctx.fp_model, ctx.model = eq, copy.deepcopy(eq).eval()

@@ -15,14 +15,15 @@ import torch
 from torch import nn
 
 from ..core.config import BitsSpec, parse_bits
-from ..core.graph import Role
+from ..core.graph import GraphAnalysis, Role
 from ..core.options import option
 from ..core.quantizers import DEFAULT_GRID, GRIDS, check_grid, quantize_weight
 from ..core.state import QuantLayer
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
 
-__all__ = ["Quantize", "set_weights_", "requantize_", "bits_option", "per_channel_option", "grid_option"]
+__all__ = ["Quantize", "set_weights_", "requantize_", "bits_option", "per_channel_option", "grid_option",
+           "role_widths"]
 
 
 def set_weights_(model: nn.Module, layers: dict[str, QuantLayer]) -> None:
@@ -39,6 +40,11 @@ def requantize_(ctx: Context, fqn: str, bits: int, role: Role) -> None:
     q = ctx.layers[fqn]
     codes, scale = quantize_weight(dict(ctx.fp_model.named_modules())[fqn].weight, bits, ctx.per_channel, ctx.grid)
     ctx.layers[fqn] = QuantLayer(fqn, q.kind, role, bits, codes, scale, partner=q.partner, grid=ctx.grid)
+
+
+def role_widths(graph: GraphAnalysis, bits: BitsSpec) -> dict[str, int]:
+    """``{layer: width}`` under the fixed pairing: the low width for each pair's first layer, the high one else."""
+    return {r.fqn: bits.low if r.role == Role.LOW else bits.high for r in graph.roles}
 
 
 def bits_option() -> Any:
@@ -92,8 +98,9 @@ class Quantize(Pass):
         ctx.bits, ctx.per_channel, ctx.grid = self.bits, self.per_channel, self.grid
         fp = dict(ctx.fp_model.named_modules())
         layers = {}
+        widths = role_widths(ctx.graph, self.bits)
         for r in ctx.graph.roles:
-            bits = self.bits.low if r.role == Role.LOW else self.bits.high
+            bits = widths[r.fqn]
             codes, scale = quantize_weight(fp[r.fqn].weight, bits, self.per_channel, self.grid)
             layers[r.fqn] = QuantLayer(r.fqn, r.kind, r.role, bits, codes, scale, partner=r.partner, grid=self.grid)
         ctx.layers = layers

@@ -24,7 +24,6 @@ None of them reads data or statistics.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -33,14 +32,13 @@ from torch import nn
 from calib_free.ranges import estimate_act_ranges
 
 from ..core.config import BitsSpec, parse_bits
-from ..core.graph import Role
 from ..core.quantizers import dequantize, quantize_weight, round_to_grid
 from ..core.state import QuantLayer
 from ..core.threads import one_thread
 from ..errors import UsageError
 from .base import Context, Pass, register_pass
-from .equalize import Equalize
-from .quantize import bits_option, grid_option, per_channel_option
+from .equalize import Equalize, cross_layer_equalize, require_before_quantize
+from .quantize import bits_option, grid_option, per_channel_option, role_widths
 from .rounding import GRID_MULTIPLIERS
 
 __all__ = ["EqualizeForGrid", "FitWeights", "CorrectBias", "fit_layer"]
@@ -119,18 +117,15 @@ class EqualizeForGrid(Equalize):
     def apply(self, ctx: Context) -> dict:
         if self.per_channel:
             return {"skipped": "per-channel grids (CLE serves per-tensor grids)"}
-        before, shared = ctx.fp_model, dict(ctx.shared)
+        require_before_quantize(ctx, self.name)
         with one_thread():
-            info = super().apply(ctx)
-            widths = {r.fqn: self.bits.low if r.role == Role.LOW else self.bits.high for r in ctx.graph.roles}
-            plain, cle = (_rounding_error(m, widths, self.grid) for m in (before, ctx.fp_model))
+            eq, pre = cross_layer_equalize(ctx.fp_model, ctx.graph, self.max_passes, self.tol)
+            widths = role_widths(ctx.graph, self.bits)
+            plain, cle = (_rounding_error(m, widths, self.grid) for m in (ctx.fp_model, eq))
         errors = {"rounding_error": round(plain, 6), "rounding_error_cle": round(cle, 6)}
         if cle >= plain:  # e.g. weights already on a per-tensor lattice (rounding error 0): CLE would only cost
-            ctx.fp_model, ctx.model = before, copy.deepcopy(before).eval()
-            ctx.shared.clear()
-            ctx.shared.update(shared)
             return {"skipped": "CLE would not lower the per-tensor rounding error", **errors}
-        return {**info, **errors}
+        return {**self._commit(ctx, eq, pre), **errors}
 
 
 def _rounding_error(model: nn.Module, widths: dict[str, int], grid: str) -> float:
