@@ -66,21 +66,57 @@ STEP_BY = ("output", "weights")
 #: standard deviation)^2, e.g. every channel's mean off by 0.2 sd
 TRUSTED_MISMATCH = 0.2 ** 2
 
-__all__ = ["Recalibrate", "STATS_CHOICES", "STEP_BY", "batch_moments", "column_energy", "reference_moments"]
+#: delta statistics: a channel whose FP batch variance on the calibration inputs is below this fraction of its
+#: stored variance is not exercised by them (standard deviation under a tenth of the stored one) and keeps its
+#: stored statistics
+EXERCISED = 0.1 ** 2
+#: delta statistics: the largest factor by which a BN's variance is scaled (a quantized channel with no signal left
+#: gets this: its BN then outputs its shift beta)
+MAX_VAR_RATIO = 1e8
+#: how delta statistics fit the quantized channel to the FP one (see :func:`delta_statistics`)
+DELTA_FITS = ("affine", "ratio")
+
+__all__ = ["Recalibrate", "STATS_CHOICES", "STEP_BY", "DELTA_FITS", "batch_moments", "column_energy",
+           "delta_statistics"]
 
 
 class _Walk(fx.Interpreter):
-    """Runs the graph once, re-rounding ``todo`` layers and re-estimating the ``scope`` BN statistics on the way."""
+    """Runs the graph once, re-rounding ``todo`` layers and re-estimating the ``scope`` BN statistics on the way.
+
+    In delta mode (``fp`` given: the FP model's GraphModule of the same graph) the FP model runs in lockstep, node
+    by node on the same inputs, so that at each BN in scope the FP and the quantized inputs are both at hand (their
+    per-channel covariance included) with only the live activations of the two models in memory."""
 
     def __init__(self, gm: fx.GraphModule, todo: dict[str, Any], scope: set[str], round_layer, progress,
-                 reference: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 restep: set[str] | None = None, restep_layer=None):
+                 fp: fx.GraphModule | None = None, restep: set[str] | None = None, restep_layer=None,
+                 fit: str = "affine"):
         super().__init__(gm)
         self.todo, self.scope, self.round_layer, self.progress = todo, scope, round_layer, progress
-        self.reference = reference  # delta mode: the FP model's batch statistics at each BN in scope
+        self.fp = None if fp is None else fx.Interpreter(fp, garbage_collect_values=False)
+        self.fp_nodes = {} if fp is None else {n.name: n for n in fp.graph.nodes}
+        self.fp_input: torch.Tensor | None = None
+        self.fit = fit
         self.restep, self.restep_layer = restep or set(), restep_layer  # layers whose int step output error picks
         self.total = len(todo) + len(scope) + len(self.restep)
         self.done = 0
+
+    def run(self, *args, **kwargs):
+        if self.fp is not None:
+            self.fp.env = {}
+            self.fp.args_iter = iter(args)
+        return super().run(*args, **kwargs)
+
+    def run_node(self, n: fx.Node):
+        if self.fp is None:
+            return super().run_node(n)
+        fn = self.fp_nodes[n.name]
+        self.fp_input = (self.fp.env[self.fp_nodes[n.args[0].name]]  # type: ignore[union-attr]
+                         if n.op == "call_module" and n.target in self.scope else None)
+        self.fp.env[fn] = self.fp.run_node(fn)
+        out = super().run_node(n)
+        for gone in self.user_to_last_uses.get(n, []):  # the FP values die with the quantized ones
+            self.fp.env.pop(self.fp_nodes[gone.name], None)
+        return out
 
     def _tick(self) -> None:
         self.done += 1
@@ -96,15 +132,15 @@ class _Walk(fx.Interpreter):
             self.restep_layer(target, m, args[0])
             self._tick()
         if target in self.scope and isinstance(m, nn.BatchNorm2d):
-            mean, var = batch_moments(args[0])
+            mean, var = cast(torch.Tensor, m.running_mean), cast(torch.Tensor, m.running_var)
             with torch.no_grad():
-                if self.reference is None:
-                    cast(torch.Tensor, m.running_mean).copy_(mean)
-                    cast(torch.Tensor, m.running_var).copy_(var)
+                if self.fp is None:
+                    new = batch_moments(args[0])
                 else:
-                    fp_mean, fp_var = self.reference[target]
-                    cast(torch.Tensor, m.running_mean).add_(mean - fp_mean)
-                    cast(torch.Tensor, m.running_var).mul_(var / fp_var.clamp_min(m.eps))
+                    assert self.fp_input is not None
+                    new = delta_statistics(mean, var, m.eps, self.fp_input, args[0], self.fit)
+                mean.copy_(new[0])
+                var.copy_(new[1])
                 if m.num_batches_tracked is not None:
                     m.num_batches_tracked.fill_(1)
             self._tick()
@@ -132,23 +168,44 @@ def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True)
 
 
-@torch.no_grad()
-def reference_moments(fp: nn.Module, inputs: torch.Tensor,
-                      names: set[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The FP model's batch moments (:func:`batch_moments`) at the input of each BN layer in ``names``."""
-    mods = dict(fp.named_modules())
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def delta_statistics(mean: torch.Tensor, var: torch.Tensor, eps: float, x_fp: torch.Tensor, x_q: torch.Tensor,
+                     fit: str = "affine") -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored statistics ``(mean, var)`` of a BN corrected by the change quantization makes to its input: ``x_fp``
+    and ``x_q`` are the FP and the quantized model's inputs to the BN on the same (synthetic) inputs, (N, C, H, W).
 
-    def record(name: str, x: torch.Tensor) -> None:  # (a hook's return value would replace the module's output)
-        out.setdefault(name, batch_moments(x))
+    ``fit="affine"`` (docs/MATH.md 6.5): per channel, what quantization does is measured as an affine map plus
+    noise, ``x_q = a x_fp + c + e`` (least squares on the paired inputs: ``a = cov / var_fp``, ``c = E[x_q] - a
+    E[x_fp]``, ``var(e)`` the residual variance). Composed with the statistics the model stores for ``x_fp``
+    (``mean``, ``var``: real data), it gives the quantized input's mean on real data, ``a mean + c``, and the
+    least-squares slope of ``x_fp`` on ``x_q`` there, ``b = a var / (a^2 var + var(e))``; the BN then maps ``x_q``
+    to the BN output of the best estimate of ``x_fp``: running mean ``a mean + c``, running variance
+    ``(var + eps) / b^2 - eps``. An exact rescaled copy (``e = 0``) is mapped exactly; a noisy channel is shrunk
+    as least squares says; a channel with no signal left (a filter rounded to zero: ``a = 0``) gives the BN's shift
+    ``beta``, the best constant. ``fit="ratio"`` is the earlier rule: the mean moved by ``E[x_q] - E[x_fp]``, the
+    variance scaled by ``var_q / var_fp`` (exact only where the synthetic mean matches the stored one, and a
+    channel that lost its signal gets a variance of 0).
 
-    hooks = [mods[n].register_forward_hook(lambda mod, inp, o, name=n: record(name, inp[0])) for n in sorted(names)]
-    try:
-        fp(inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
+    Either way, a channel the inputs do not exercise (FP batch variance below :data:`EXERCISED` of the stored one:
+    dark on the synthetic inputs) keeps its stored statistics: the inputs say nothing about it.
+    """
+    fp_m, fp_v = batch_moments(x_fp)
+    q_m, q_v = batch_moments(x_q)
+    exercised = fp_v > EXERCISED * (var + eps)
+    if fit == "ratio":
+        new_mean = mean + (q_m - fp_m)
+        new_var = (var * q_v / fp_v.clamp_min(eps)).clamp_min(0)
+    else:
+        n = x_q.numel() // x_q.shape[1]
+        dev_fp = x_fp - fp_m[None, :, None, None]
+        cov = (dev_fp * (x_q - q_m[None, :, None, None])).sum(dim=(0, 2, 3)) / max(1, n - 1)
+        a = cov / fp_v.clamp_min(1e-30)
+        noise = (q_v - a * cov).clamp_min(0)
+        new_mean = a * mean + (q_m - a * fp_m)
+        real_q_v = a * a * var + noise
+        b = torch.where(real_q_v > 0, a * var / real_q_v.clamp_min(1e-30), torch.zeros_like(a))
+        inv_b2 = torch.where(b > 0, 1 / (b * b).clamp_min(1 / MAX_VAR_RATIO), torch.full_like(b, MAX_VAR_RATIO))
+        new_var = ((var + eps) * inv_b2 - eps).clamp_min(0)
+    return torch.where(exercised, new_mean, mean), torch.where(exercised, new_var, var)
 
 
 def _statistics(bns: dict[str, nn.BatchNorm2d]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -176,6 +233,7 @@ class Recalibrate(Pass):
             ``delta`` statistics are corrected at every BN whatever the scope (every layer is quantized, so every
             BN input changes); the scope says where ``absolute`` ones replace the stored statistics.
         stats: how they are corrected: ``delta``, ``absolute`` or ``auto`` (see the module docstring).
+        delta_fit: how ``delta`` carries the change: ``affine`` or ``ratio`` (:func:`delta_statistics`).
         rounding_scope: which layers error feedback re-rounds: ``low``, ``all``, or ``auto`` (the default: the low
             layers and every layer of at most 4 bits). At 6 bits nearest rounding costs little, and on ImageNet
             MobileNetV2 the 6-bit layers' error feedback lowered the held-out divergence but cost accuracy (the
@@ -199,6 +257,10 @@ class Recalibrate(Pass):
                         help="statistics correction: 'delta' (the change quantization makes, measured on synthetic "
                              "inputs, applied to the stored statistics), 'absolute' (statistics of the synthetic "
                              "inputs), or 'auto' (the one closer to the FP model on held-out synthetic inputs)")
+    delta_fit: str = option("affine", flag="--delta-fit", choices=DELTA_FITS,
+                            help="how delta statistics carry the change quantization makes: 'affine' (per channel "
+                                 "an affine map plus noise, fitted on the synthetic inputs, composed with the stored "
+                                 "statistics) or 'ratio' (mean shift and variance ratio)")
     rounding_scope: str = "auto"
     step_by: str = option("output", flag="--step-by", choices=STEP_BY,
                           help="int-grid step of the layers error feedback leaves at nearest rounding: 'output' "
@@ -217,6 +279,8 @@ class Recalibrate(Pass):
             raise UsageError(f"bad rounding_scope '{self.rounding_scope}': choose one of {', '.join(ROUNDING_SCOPES)}")
         if self.stats not in STATS_CHOICES:
             raise UsageError(f"bad --stats '{self.stats}': choose one of {', '.join(STATS_CHOICES)}")
+        if self.delta_fit not in DELTA_FITS:
+            raise UsageError(f"bad --delta-fit '{self.delta_fit}': choose one of {', '.join(DELTA_FITS)}")
         if self.step_by not in STEP_BY:
             raise UsageError(f"bad --step-by '{self.step_by}': choose one of {', '.join(STEP_BY)}")
 
@@ -286,9 +350,9 @@ class Recalibrate(Pass):
         inputs = ctx.inputs.to(ctx.device)
         mode = "delta" if self.stats == "auto" else self.stats
         with torch.no_grad():
-            ref = reference_moments(ctx.fp_model.to(ctx.device), inputs, scope) if mode == "delta" else None
-            _Walk(gm, todo, scope, round_layer, ctx.task("statistics + rounding"), ref, restep,
-                  restep_layer).run(inputs)
+            fp_gm = ctx.graph.graph_module(ctx.fp_model.to(ctx.device)) if mode == "delta" else None
+            _Walk(gm, todo, scope, round_layer, ctx.task("statistics + rounding"), fp_gm, restep,
+                  restep_layer, self.delta_fit).run(inputs)
         hist: dict[str, int] = {}
         for mult in chosen.values():
             hist[f"{mult:g}"] = hist.get(f"{mult:g}", 0) + 1

@@ -59,8 +59,11 @@ def nearest_codes(v: torch.Tensor, scale: torch.Tensor, bits: int, grid: str = "
 def inverse_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U, dead)``: the upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` and the dead columns.
 
-    Dead columns (``H_ii = 0``: inputs that are always zero) get ``H_ii = 1`` so the factor exists; their weights
-    must be zeroed by the caller (they never reach the output).
+    Dead columns (``H_ii = 0``: inputs that are zero on every calibration input) get the mean of the live diagonal
+    (1 where every column is dead) and no cross terms, so the factor exists and a dead column is rounded to nearest
+    with no error fed to the others: the calibration inputs say nothing about it. (Zeroing its weight, as before,
+    is right only if the input is zero on real data too; on MobileNetV2 at 224 px synthetic inputs leave some
+    channels dark that real images light, and the zeroed filter then collapsed its BN's variance estimate.)
 
     Args:
         h: (K, K) symmetric positive semi-definite second moment, or a batch (G, K, K) of them (one per group of a
@@ -70,8 +73,11 @@ def inverse_factor(h: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, t
     h = h.clone()
     diag = h.diagonal(dim1=-2, dim2=-1)  # a view: writes land in h
     dead = diag == 0
-    diag[dead] = 1.0
-    diag.add_(damp * diag.mean(-1, keepdim=True))
+    live = (~dead).sum(-1, keepdim=True)
+    mean = (diag * ~dead).sum(-1, keepdim=True) / live.clamp_min(1)
+    mean = torch.where(live > 0, mean, torch.ones_like(mean))
+    diag.copy_(torch.where(dead, mean.expand_as(diag), diag))
+    diag.add_(damp * mean)
     lower = torch.linalg.cholesky(torch.flip(h, (-2, -1)))  # J H J: both orders reversed
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(h)
     inv_lower = torch.linalg.solve_triangular(lower, eye, upper=False)
@@ -84,7 +90,7 @@ def gptq_codes(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, bits: int,
     """Codes for ``w`` (rows, K) on the grid ``scale`` (rows,), minimising the H-weighted output error.
 
     Args:
-        w: FP weight rows (dead columns already zeroed), K in im2col order (in, kh, kw).
+        w: FP weight rows, K in im2col order (in, kh, kw).
         u: (K, K) upper Cholesky factor of ``H^-1`` (:func:`inverse_factor`).
         scale: per-row grid step (ternary: alpha; k-bit: the quantizer's step, e.g. DoReFa max|W|/(2^k-1)), > 0.
         bits: 2 (ternary) or 3..8.
@@ -165,9 +171,8 @@ def best_grid_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits:
     dtype = torch.float32
     w = w.to(dtype)
     h = h.to(dtype)
-    u, dead = inverse_factor(h, damp)
+    u, _ = inverse_factor(h, damp)
     w = w.clone()
-    w[:, dead] = 0.0
     scale = scale.to(dtype)
     rows = w.shape[0]
     best_m = multipliers[0] if len(multipliers) == 1 else None
@@ -208,9 +213,8 @@ def grouped_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: i
         (codes (rows, K), scale (rows,) of the chosen grid, the chosen multiplier).
     """
     rows, k = w.shape
-    u, dead = inverse_factor(h.float(), damp)
+    u, _ = inverse_factor(h.float(), damp)
     wg = w.float().reshape(groups, rows // groups, k).clone()
-    wg.masked_fill_(dead[:, None, :], 0.0)
     best: tuple[float, torch.Tensor, torch.Tensor, float] | None = None
     for m in multipliers:
         s = (scale.float() * m).reshape(groups, rows // groups)

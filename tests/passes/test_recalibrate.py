@@ -9,7 +9,7 @@ from calib_free import collect_bn_stats, recalibrate_bn_
 from dfmpc_deploy.core.graph import GraphAnalysis, Role
 from dfmpc_deploy.passes.base import Context
 from dfmpc_deploy.passes.quantize import Quantize
-from dfmpc_deploy.passes.recalibrate import Recalibrate, batch_moments, column_energy
+from dfmpc_deploy.passes.recalibrate import DELTA_FITS, Recalibrate, column_energy, delta_statistics
 from dfmpc_deploy.passes.rounding import best_grid_codes, grouped_codes, input_second_moment
 from tests.conftest import example_inputs, make_tiny_net
 
@@ -161,26 +161,78 @@ def test_delta_statistics_of_an_unchanged_model_are_the_stored_ones():
     assert not torch.allclose(collect_bn_stats(ctx.model)["bn0"].mean, fp["bn0"].mean, atol=1e-2)
 
 
-def test_delta_statistics_shift_by_the_quantized_minus_fp_moments():
+@pytest.mark.parametrize("fit", DELTA_FITS)
+def test_delta_statistics_in_the_walk_are_those_of_the_fp_and_quantized_inputs(fit):
+    """The walk runs the FP model in lockstep: bn0's corrected statistics are delta_statistics of what bn0 sees in
+    the FP and in the quantized model on the same inputs."""
     net = make_tiny_net()
     x = example_inputs(32)
     ctx = _ctx(net, x)
     seen = {}
-    h = dict(ctx.model.named_modules())["bn0"].register_forward_hook(
-        lambda m, i, o: seen.setdefault("q", batch_moments(i[0])) and None)
-    fp_seen = {}
-    h2 = dict(net.named_modules())["bn0"].register_forward_hook(
-        lambda m, i, o: fp_seen.setdefault("fp", batch_moments(i[0])) and None)
+
+    def keep(key, x):
+        seen.setdefault(key, x.detach().clone())
+
+    hooks = [dict(m.named_modules())["bn0"].register_forward_hook(lambda mod, i, o, key=key: keep(key, i[0]))
+             for key, m in (("q", ctx.model), ("fp", net))]
     with torch.no_grad():
         ctx.model(x)
         net(x)
-    h.remove()
-    h2.remove()
-    Recalibrate(rounding="nearest", stats="delta").apply(ctx)
-    got, stored = collect_bn_stats(ctx.model)["bn0"], collect_bn_stats(net)["bn0"]
-    (qm, qv), (fm, fv) = seen["q"], fp_seen["fp"]
-    assert torch.allclose(got.mean, stored.mean + qm - fm, atol=1e-5)
-    assert torch.allclose(got.var, stored.var * qv / fv, rtol=1e-4)
+    for h in hooks:
+        h.remove()
+    stored = collect_bn_stats(net)["bn0"]
+    bn = dict(net.named_modules())["bn0"]
+    want = delta_statistics(bn.running_mean, bn.running_var, bn.eps, seen["fp"], seen["q"], fit)
+    Recalibrate(rounding="nearest", stats="delta", delta_fit=fit).apply(ctx)
+    got = collect_bn_stats(ctx.model)["bn0"]
+    assert torch.allclose(got.mean, want[0].double(), atol=1e-5)
+    assert torch.allclose(got.var, want[1].double(), rtol=1e-4)
+    assert not torch.allclose(got.var, stored.var, rtol=1e-3)  # quantization moved them
+
+
+def _bn_input(seed, n=16, c=4):
+    return torch.randn(n, c, 5, 5, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fit", DELTA_FITS)
+def test_delta_statistics_of_a_rescaled_shifted_channel_are_exact(fit):
+    """x_q = a x_fp + c: the BN with the corrected statistics maps x_q exactly as the stored BN maps x_fp - for
+    ``affine`` whatever the stored statistics, for ``ratio`` only where the inputs' mean is the stored one."""
+    x = _bn_input(0)
+    a = torch.tensor([0.5, 1.0, 2.0, 3.0])[None, :, None, None]
+    c = torch.tensor([0.1, -1.0, 0.0, 2.0])[None, :, None, None]
+    mean, var, eps = torch.tensor([0.2, 0.0, -0.3, 1.0]), torch.tensor([1.0, 0.5, 2.0, 1.5]), 1e-5
+    if fit == "ratio":
+        mean = x.mean(dim=(0, 2, 3))
+    m2, v2 = delta_statistics(mean, var, eps, x, a * x + c, fit)
+    fp_out = (x - mean[None, :, None, None]) / (var + eps).sqrt()[None, :, None, None]
+    q_out = (a * x + c - m2[None, :, None, None]) / (v2 + eps).sqrt()[None, :, None, None]
+    assert torch.allclose(q_out, fp_out, atol=1e-4)
+
+
+def test_affine_delta_statistics_shrink_a_noisy_channel_and_silence_a_dead_one():
+    x = _bn_input(1)
+    noise = 0.5 * _bn_input(2)
+    xq = x + noise
+    xq[:, 3] = 0.7  # the quantized filter rounded to zero: a constant channel
+    mean, var, eps = torch.zeros(4), torch.ones(4), 1e-5
+    m_r, v_r = delta_statistics(mean, var, eps, x, xq, "affine")
+    m_v, v_v = delta_statistics(mean, var, eps, x, xq, "ratio")
+    assert (v_r[:3] > v_v[:3]).all()  # the least-squares slope is below the variance ratio's when noise is added
+    assert v_v[3] == 0  # (the ratio rule: a variance of 0, so the BN divides a constant by sqrt(eps))
+    assert v_r[3] >= 1e6 * var[3]  # no signal left: the BN outputs (almost exactly) its shift
+    out = (xq[:, 3] - m_r[3]) / (v_r[3] + eps).sqrt()
+    assert out.abs().max() < 1e-3
+
+
+def test_delta_statistics_keep_the_stored_ones_of_a_channel_the_inputs_leave_dark():
+    x = _bn_input(3)
+    x[:, 1] = 0.0  # dark on the calibration inputs (its stored statistics say it is not on real data)
+    mean, var = torch.tensor([0.0, 0.5, 0.0, 0.0]), torch.tensor([1.0, 2.0, 1.0, 1.0])
+    for fit in DELTA_FITS:
+        m2, v2 = delta_statistics(mean, var, 1e-5, x, 0.5 * x + 3.0, fit)
+        assert m2[1] == mean[1] and v2[1] == var[1]
+        assert v2[0] != var[0]
 
 
 def test_auto_statistics_keep_the_one_closer_on_held_out_inputs():

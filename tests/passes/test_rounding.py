@@ -7,6 +7,7 @@ from dfmpc_deploy.passes.rounding import (
     best_grid_codes,
     direction_error,
     gptq_codes,
+    grouped_codes,
     input_second_moment,
     inverse_factor,
     nearest_codes,
@@ -26,9 +27,9 @@ def _reference(w, h, scale, bits, damp=0.01):
     w, h, scale = w.double().clone(), h.double().clone(), scale.double()
     k = w.shape[1]
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    live_mean = torch.diag(h)[~dead].mean() if (~dead).any() else torch.tensor(1.0, dtype=h.dtype)
+    h[dead, dead] = live_mean
+    h += damp * live_mean * torch.eye(k, dtype=h.dtype)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros_like(w)
     for i in range(k):
@@ -107,13 +108,28 @@ def test_grid_search_on_a_row_subset_has_small_regret():
     assert max(regrets) <= 0.02, regrets
 
 
-def test_dead_inputs_are_zeroed_and_the_factor_exists():
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_dead_input_keeps_its_nearest_code_and_feeds_nothing_back(bits):
+    """An input that is zero on every calibration input says nothing about its weight: the nearest code, as plain
+    rounding gives (synthetic inputs can leave a channel dark that real data lights), and the other columns are
+    rounded as if it were not there."""
     w, h = _problem(2)
     h[:, 3] = 0
     h[3, :] = 0
-    _, scale = quantize_weight(w, 2)
-    codes, _, _ = best_grid_codes(w, h, scale, 2, multipliers=(1.0,))
-    assert torch.isfinite(codes).all() and (codes[:, 3] == 0).all()
+    _, scale = quantize_weight(w, bits)
+    codes, _, _ = best_grid_codes(w, h, scale, bits, multipliers=(1.0,))
+    assert torch.equal(codes[:, 3], nearest_codes(w[:, 3], scale, bits))
+    keep = [i for i in range(w.shape[1]) if i != 3]
+    alone, _, _ = best_grid_codes(w[:, keep], h[keep][:, keep], scale, bits, multipliers=(1.0,))
+    assert torch.equal(codes[:, keep], alone)
+
+
+def test_an_all_dead_group_is_rounded_to_nearest():
+    w, _ = _problem(3, rows=8, k=9)
+    h = torch.zeros(2, 9, 9)
+    _, scale = quantize_weight(w, 4)
+    codes, _, _ = grouped_codes(w, h, scale, 4, groups=2)
+    assert torch.equal(codes, nearest_codes(w, scale[:, None], 4))
 
 
 def test_second_moment_of_conv_patches_and_row_subset():
