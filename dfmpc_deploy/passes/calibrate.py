@@ -38,6 +38,7 @@ class Calibrate(Pass):
         recal: ``synthetic`` (data-free), ``none`` (FP statistics kept) or ``real`` (reference, reads data).
         synth_samples, synth_steps: synthesis budget; None = chosen for the input size.
         synth_lr: Adam learning rate of the synthesis.
+        synth_coarse: fraction of the steps run at half the resolution first; None = the budget's.
         holdout_samples: synthetic inputs held out (another seed) for the data-free guard (passes/guard.py);
             None = half of the samples, at least 2; 0 = none (no guard).
     """
@@ -52,6 +53,7 @@ class Calibrate(Pass):
                                      help="at most N synthesis steps; stops early when the loss stops improving "
                                           "(default: 100 up to 64x64 px, 40 above)")
     synth_lr: float = 0.25
+    synth_coarse: float | None = None
     holdout_samples: int | None = None
 
     def __post_init__(self) -> None:
@@ -62,6 +64,8 @@ class Calibrate(Pass):
         if self.synth_steps is not None and not (isinstance(self.synth_steps, int) and self.synth_steps >= 0):
             raise UsageError(f"bad --synth-steps {self.synth_steps!r}: give 0 or more, e.g. 100")
         require_finite("synth_lr", self.synth_lr, lo=1e-9)
+        if self.synth_coarse is not None:
+            require_finite("synth_coarse", self.synth_coarse, lo=0.0, hi=1.0)
         if self.holdout_samples is not None and not (isinstance(self.holdout_samples, int)
                                                      and self.holdout_samples >= 0):
             raise UsageError(f"bad holdout_samples {self.holdout_samples!r}: give 0 or more")
@@ -85,16 +89,17 @@ class Calibrate(Pass):
         budget = synth_budget(ctx.input_shape)
         n = self.synth_samples or budget.samples
         steps = budget.steps if self.synth_steps is None else self.synth_steps
+        coarse = budget.coarse if self.synth_coarse is None else self.synth_coarse
         fp = ctx.fp_model if ctx.device.type == "cpu" else _on(ctx.fp_model, ctx.device)
         syn = synthesize_inputs(fp, ctx.input_shape, n=n, steps=steps, lr=self.synth_lr, seed=ctx.seed,
-                                progress=ctx.task("synthesise inputs"), device=ctx.device, coarse=budget.coarse)
+                                progress=ctx.task("synthesise inputs"), device=ctx.device, coarse=coarse)
         ctx.inputs = syn.inputs
         n_hold = max(2, n // 2) if self.holdout_samples is None else self.holdout_samples
         hold = None
         if n_hold:
             hold = synthesize_inputs(fp, ctx.input_shape, n=n_hold, steps=steps, lr=self.synth_lr,
                                      seed=ctx.seed + HOLDOUT_SEED, progress=ctx.task("synthesise held-out inputs"),
-                                     device=ctx.device, coarse=budget.coarse)
+                                     device=ctx.device, coarse=coarse)
             ctx.holdout = hold.inputs
         c2f = f", the first {syn.coarse_steps} at half size" if syn.coarse_steps else ""
         ctx.estimator = (f"synthetic BN-statistics matching ({n} samples at {ctx.input_shape[1]}x{ctx.input_shape[2]} "

@@ -73,8 +73,11 @@ EXERCISED = 0.1 ** 2
 #: delta statistics: the largest factor by which a BN's variance is scaled (a quantized channel with no signal left
 #: gets this: its BN then outputs its shift beta)
 MAX_VAR_RATIO = 1e8
+#: delta statistics, ``ratio``: a channel whose quantized batch variance is below this fraction of the FP one has no
+#: signal left (a filter rounded to zero): its BN is set to output its shift
+COLLAPSED = 1e-6
 #: how delta statistics fit the quantized channel to the FP one (see :func:`delta_statistics`)
-DELTA_FITS = ("affine", "ratio")
+DELTA_FITS = ("ratio", "affine", "moments")
 
 __all__ = ["Recalibrate", "STATS_CHOICES", "STEP_BY", "DELTA_FITS", "batch_moments", "column_energy",
            "delta_statistics"]
@@ -89,7 +92,7 @@ class _Walk(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule, todo: dict[str, Any], scope: set[str], round_layer, progress,
                  fp: fx.GraphModule | None = None, restep: set[str] | None = None, restep_layer=None,
-                 fit: str = "affine"):
+                 fit: str = "ratio"):
         super().__init__(gm)
         self.todo, self.scope, self.round_layer, self.progress = todo, scope, round_layer, progress
         self.fp = None if fp is None else fx.Interpreter(fp, garbage_collect_values=False)
@@ -169,23 +172,27 @@ def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def delta_statistics(mean: torch.Tensor, var: torch.Tensor, eps: float, x_fp: torch.Tensor, x_q: torch.Tensor,
-                     fit: str = "affine") -> tuple[torch.Tensor, torch.Tensor]:
+                     fit: str = "ratio") -> tuple[torch.Tensor, torch.Tensor]:
     """The stored statistics ``(mean, var)`` of a BN corrected by the change quantization makes to its input: ``x_fp``
     and ``x_q`` are the FP and the quantized model's inputs to the BN on the same (synthetic) inputs, (N, C, H, W).
 
-    ``fit="affine"`` (docs/MATH.md 6.5): per channel, what quantization does is measured as an affine map plus
-    noise, ``x_q = a x_fp + c + e`` (least squares on the paired inputs: ``a = cov / var_fp``, ``c = E[x_q] - a
-    E[x_fp]``, ``var(e)`` the residual variance). Composed with the statistics the model stores for ``x_fp``
-    (``mean``, ``var``: real data), it gives the quantized input's mean on real data, ``a mean + c``, and the
-    least-squares slope of ``x_fp`` on ``x_q`` there, ``b = a var / (a^2 var + var(e))``; the BN then maps ``x_q``
-    to the BN output of the best estimate of ``x_fp``: running mean ``a mean + c``, running variance
-    ``(var + eps) / b^2 - eps``. An exact rescaled copy (``e = 0``) is mapped exactly; a noisy channel is shrunk
-    as least squares says; a channel with no signal left (a filter rounded to zero: ``a = 0``) gives the BN's shift
-    ``beta``, the best constant. ``fit="ratio"`` is the earlier rule: the mean moved by ``E[x_q] - E[x_fp]``, the
-    variance scaled by ``var_q / var_fp`` (exact only where the synthetic mean matches the stored one, and a
-    channel that lost its signal gets a variance of 0).
+    ``fit="ratio"`` (the default; docs/MATH.md 6.5): the mean moves by ``E[x_q] - E[x_fp]``, the variance is scaled
+    by ``var_q / var_fp``; a channel that quantization left constant (``var_q`` below :data:`COLLAPSED` of
+    ``var_fp``: a filter rounded to zero) gets the constant as its mean, so its BN outputs its shift ``beta`` (the
+    ratio alone would give a variance of 0 and divide the synthetic mean's mismatch by ``sqrt(eps)``).
 
-    Either way, a channel the inputs do not exercise (FP batch variance below :data:`EXERCISED` of the stored one:
+    ``fit="affine"``: per channel, what quantization does is measured as an affine map plus noise,
+    ``x_q = a x_fp + c + e`` (least squares on the paired inputs: ``a = cov / var_fp``, ``c = E[x_q] - a E[x_fp]``,
+    ``var(e)`` the residual variance). Composed with the statistics the model stores for ``x_fp`` (``mean``,
+    ``var``: real data), it gives the quantized input's mean on real data, ``a mean + c``, and the least-squares
+    slope of ``x_fp`` on ``x_q`` there, ``b = a var / (a^2 var + var(e))``; the BN then maps ``x_q`` to the BN
+    output of the best estimate of ``x_fp``: running mean ``a mean + c``, running variance ``(var + eps) / b^2 -
+    eps``. An exact rescaled copy (``e = 0``) is mapped exactly whatever the synthetic mismatch; a noisy channel is
+    shrunk as least squares says; a channel with no signal left (``a = 0``) gives ``beta``. ``fit="moments"``: the
+    same map's prediction of the quantized input's real-data moments, mean ``a mean + c`` and variance
+    ``a^2 var + var(e)`` (BN re-estimation as if on real data).
+
+    Every fit: a channel the inputs do not exercise (FP batch variance below :data:`EXERCISED` of the stored one:
     dark on the synthetic inputs) keeps its stored statistics: the inputs say nothing about it.
     """
     fp_m, fp_v = batch_moments(x_fp)
@@ -194,6 +201,8 @@ def delta_statistics(mean: torch.Tensor, var: torch.Tensor, eps: float, x_fp: to
     if fit == "ratio":
         new_mean = mean + (q_m - fp_m)
         new_var = (var * q_v / fp_v.clamp_min(eps)).clamp_min(0)
+        constant = q_v <= COLLAPSED * fp_v  # quantization left the channel constant: the BN outputs its shift
+        new_mean, new_var = torch.where(constant, q_m, new_mean), torch.where(constant, var, new_var)
     else:
         n = x_q.numel() // x_q.shape[1]
         dev_fp = x_fp - fp_m[None, :, None, None]
@@ -202,6 +211,8 @@ def delta_statistics(mean: torch.Tensor, var: torch.Tensor, eps: float, x_fp: to
         noise = (q_v - a * cov).clamp_min(0)
         new_mean = a * mean + (q_m - a * fp_m)
         real_q_v = a * a * var + noise
+        if fit == "moments":
+            return torch.where(exercised, new_mean, mean), torch.where(exercised, real_q_v, var)
         b = torch.where(real_q_v > 0, a * var / real_q_v.clamp_min(1e-30), torch.zeros_like(a))
         inv_b2 = torch.where(b > 0, 1 / (b * b).clamp_min(1 / MAX_VAR_RATIO), torch.full_like(b, MAX_VAR_RATIO))
         new_var = ((var + eps) * inv_b2 - eps).clamp_min(0)
@@ -257,10 +268,11 @@ class Recalibrate(Pass):
                         help="statistics correction: 'delta' (the change quantization makes, measured on synthetic "
                              "inputs, applied to the stored statistics), 'absolute' (statistics of the synthetic "
                              "inputs), or 'auto' (the one closer to the FP model on held-out synthetic inputs)")
-    delta_fit: str = option("affine", flag="--delta-fit", choices=DELTA_FITS,
-                            help="how delta statistics carry the change quantization makes: 'affine' (per channel "
-                                 "an affine map plus noise, fitted on the synthetic inputs, composed with the stored "
-                                 "statistics) or 'ratio' (mean shift and variance ratio)")
+    delta_fit: str = option("ratio", flag="--delta-fit", choices=DELTA_FITS,
+                            help="how delta statistics carry the change quantization makes: 'ratio' (mean shift and "
+                                 "variance ratio), 'affine' (per channel an affine map plus noise fitted on the "
+                                 "synthetic inputs, composed with the stored statistics, least-squares slope) or "
+                                 "'moments' (the same map's prediction of the real-data mean and variance)")
     rounding_scope: str = "auto"
     step_by: str = option("output", flag="--step-by", choices=STEP_BY,
                           help="int-grid step of the layers error feedback leaves at nearest rounding: 'output' "

@@ -210,7 +210,7 @@ def test_delta_statistics_of_a_rescaled_shifted_channel_are_exact(fit):
     assert torch.allclose(q_out, fp_out, atol=1e-4)
 
 
-def test_affine_delta_statistics_shrink_a_noisy_channel_and_silence_a_dead_one():
+def test_delta_statistics_affine_shrinks_a_noisy_channel_and_every_fit_silences_a_dead_one():
     x = _bn_input(1)
     noise = 0.5 * _bn_input(2)
     xq = x + noise
@@ -219,10 +219,13 @@ def test_affine_delta_statistics_shrink_a_noisy_channel_and_silence_a_dead_one()
     m_r, v_r = delta_statistics(mean, var, eps, x, xq, "affine")
     m_v, v_v = delta_statistics(mean, var, eps, x, xq, "ratio")
     assert (v_r[:3] > v_v[:3]).all()  # the least-squares slope is below the variance ratio's when noise is added
-    assert v_v[3] == 0  # (the ratio rule: a variance of 0, so the BN divides a constant by sqrt(eps))
+    out_v = (xq[:, 3] - m_v[3]) / (v_v[3] + eps).sqrt()
+    assert out_v.abs().max() < 1e-3  # the ratio rule: the constant is the mean, the BN outputs its shift
     assert v_r[3] >= 1e6 * var[3]  # no signal left: the BN outputs (almost exactly) its shift
     out = (xq[:, 3] - m_r[3]) / (v_r[3] + eps).sqrt()
     assert out.abs().max() < 1e-3
+    m_m, v_m = delta_statistics(mean, var, eps, x, xq, "moments")
+    assert ((xq[:, 3] - m_m[3]) / (v_m[3] + eps).sqrt()).abs().max() < 1e-3
 
 
 def test_delta_statistics_keep_the_stored_ones_of_a_channel_the_inputs_leave_dark():
