@@ -256,6 +256,8 @@ class Recalibrate(Pass):
         grid_search: pick each low-bit layer's grid step among rounding.GRID_MULTIPLIERS x the TWN/DoReFa scale.
         max_k: layers with more input columns than this keep plain rounding (cost grows as K^2 x out).
         hessian_rows: patches per layer second moment (None: all patches of the calibration inputs).
+        shrink: shrink each second moment's off-diagonal part by its noise over the samples
+            (rounding.shrink_to_diagonal).
     """
 
     name = "recalibrate"
@@ -281,6 +283,7 @@ class Recalibrate(Pass):
     grid_search: bool = True
     max_k: int = 4608
     hessian_rows: int | None = None
+    shrink: bool = False
 
     def __post_init__(self) -> None:
         if self.rounding not in ("nearest", "gptq"):
@@ -337,7 +340,7 @@ class Recalibrate(Pass):
         def round_layer(name: str, m: nn.Conv2d | nn.Linear, x: torch.Tensor) -> None:
             q = ctx.layers[name]
             t = time.perf_counter()
-            h = input_second_moment(m, x, self.hessian_rows)
+            h = input_second_moment(m, x, self.hessian_rows, shrink=self.shrink)
             timing["hessian"] += time.perf_counter() - t
             t = time.perf_counter()
             w = fp[name].weight.detach().flatten(1).to(x.device)

@@ -250,11 +250,18 @@ def _grouped_direction_error(codes: torch.Tensor, s: torch.Tensor, w: torch.Tens
     return float((1 - qw ** 2 / (qq * ww).clamp_min(1e-30)).sum())
 
 
-def input_second_moment(module: nn.Module, x: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
+def input_second_moment(module: nn.Module, x: torch.Tensor, max_rows: int | None = None,
+                        shrink: bool = False) -> torch.Tensor:
     """``E[p p^T]`` (float32) over the im2col patches ``p`` that ``module`` (Conv2d or Linear) sees in ``x``; with
     ``max_rows`` a fixed, evenly spaced subset of at most that many patches is used. A grouped convolution gets one
     matrix per group: shape (groups, K, K), K = in-channels per group x kh x kw (computed one sample at a time, so a
-    depthwise layer at 112 px needs no full im2col copy)."""
+    depthwise layer at 112 px needs no full im2col copy).
+
+    ``shrink``: the off-diagonal entries are shrunk towards 0 by the estimated noise of the mean over the samples
+    (:func:`shrink_to_diagonal`; ``max_rows`` is then not used): the samples, not the patches, are the independent
+    draws, and 8 synthetic samples at 224 px give a late layer fewer patches than it has columns."""
+    if shrink:
+        return _shrunk_second_moment(module, x)
     if isinstance(module, nn.Conv2d) and module.groups > 1:
         g = module.groups
         total: torch.Tensor | None = None
@@ -268,15 +275,56 @@ def input_second_moment(module: nn.Module, x: torch.Tensor, max_rows: int | None
             count += cols.shape[-1]
         assert total is not None
         return total / max(1, count)
+    cols = _patches(module, x)
+    if max_rows is not None and cols.shape[0] > max_rows:
+        cols = cols[torch.linspace(0, cols.shape[0] - 1, max_rows, device=cols.device).long()]
+    return cols.T @ cols / max(1, cols.shape[0])
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The (patches, K) float32 im2col rows of an ungrouped Conv2d's input, or a Linear's input rows."""
     if isinstance(module, nn.Conv2d):
         cols = F.unfold(x, module.kernel_size, module.dilation, cast(tuple[int, ...], module.padding), module.stride)
         cols = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     else:
         cols = x.reshape(-1, x.shape[-1])
-    cols = cols.float()
-    if max_rows is not None and cols.shape[0] > max_rows:
-        cols = cols[torch.linspace(0, cols.shape[0] - 1, max_rows, device=cols.device).long()]
-    return cols.T @ cols / max(1, cols.shape[0])
+    return cols.float()
+
+
+def _shrunk_second_moment(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """:func:`input_second_moment` with ``shrink``: per-sample second moments, their mean and elementwise mean
+    square, then :func:`shrink_to_diagonal`."""
+    total = total_sq = None
+    n = 0
+    for xi in x.split(1):
+        if isinstance(module, nn.Conv2d) and module.groups > 1:
+            cols = F.unfold(xi, module.kernel_size, module.dilation, cast(tuple[int, ...], module.padding),
+                            module.stride).float()
+            cols = cols.reshape(module.groups, -1, cols.shape[-1])  # (G, K, L)
+            h = cols @ cols.transpose(1, 2) / max(1, cols.shape[-1])
+        else:
+            cols = _patches(module, xi)
+            h = cols.T @ cols / max(1, cols.shape[0])
+        total = h if total is None else total + h
+        total_sq = h * h if total_sq is None else total_sq + h * h
+        n += 1
+    assert total is not None and total_sq is not None
+    return shrink_to_diagonal(total / n, total_sq / n, n)
+
+
+def shrink_to_diagonal(mean: torch.Tensor, mean_sq: torch.Tensor, n: int) -> torch.Tensor:
+    """Schaefer-Strimmer shrinkage of a second moment estimated as the mean of ``n`` independent per-sample
+    matrices (``mean``, with elementwise mean square ``mean_sq``; (K, K) or a batch (G, K, K)) towards its diagonal:
+    ``(1 - lam) H + lam diag(H)`` with ``lam = sum_{i != j} Var(H_ij) / sum_{i != j} H_ij^2`` in [0, 1], ``Var`` the
+    variance of the mean over the samples. With one sample nothing is known of the noise: returned unchanged."""
+    if n < 2:
+        return mean
+    var = (mean_sq - mean * mean).clamp_min(0) / (n - 1)
+    off = 1 - torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device)
+    num = (var * off).sum(dim=(-2, -1), keepdim=True)
+    den = (mean * mean * off).sum(dim=(-2, -1), keepdim=True)
+    lam = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(den)).clamp(0, 1)
+    return mean * (1 - lam * off)
 
 
 def supported(m: nn.Module) -> bool:

@@ -11,6 +11,7 @@ from dfmpc_deploy.passes.rounding import (
     input_second_moment,
     inverse_factor,
     nearest_codes,
+    shrink_to_diagonal,
 )
 
 
@@ -170,3 +171,40 @@ def test_numpy_column_loop_gives_the_torch_loops_codes_bit_for_bit(monkeypatch, 
     monkeypatch.setattr(rounding, "_NUMPY_LOOP", False)
     slow = gptq_codes(w, u, scale, bits, block=block)
     assert torch.equal(fast, slow)
+
+
+def _per_sample_moments(seed, mix):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.stack([(lambda a: a.T @ a / 50)(torch.randn(50, 6, generator=g) @ mix) for _ in range(8)])
+    return hs.mean(0), (hs * hs).mean(0)
+
+
+def test_shrinkage_keeps_the_diagonal_and_scales_the_rest_by_one_factor_in_0_1():
+    mean, mean_sq = _per_sample_moments(4, torch.eye(6) + 0.8)  # strongly correlated columns
+    out = shrink_to_diagonal(mean, mean_sq, 8)
+    assert torch.equal(out.diagonal(), mean.diagonal())
+    off = ~torch.eye(6, dtype=torch.bool)
+    ratio = out[off] / mean[off]
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio)) and 0 < float(ratio[0]) < 1
+    # independent columns: the off-diagonal entries are mostly noise, so they are shrunk hard
+    mean, mean_sq = _per_sample_moments(4, torch.eye(6))
+    out = shrink_to_diagonal(mean, mean_sq, 8)
+    assert float((out[off] / mean[off]).max()) < 0.5
+
+
+def test_shrinkage_without_noise_or_with_one_sample_changes_nothing():
+    h = torch.randn(5, 5)
+    h = h @ h.T
+    assert torch.equal(shrink_to_diagonal(h, h * h, 8), h)
+    assert torch.equal(shrink_to_diagonal(h, 2 * h * h, 1), h)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_shrunk_second_moment_of_identical_samples_is_the_plain_one(groups):
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1, groups=groups)
+    x = torch.randn(1, 4, 6, 6).expand(3, 4, 6, 6).contiguous()
+    plain, shrunk = input_second_moment(conv, x), input_second_moment(conv, x, shrink=True)
+    assert torch.allclose(shrunk, plain, rtol=1e-4, atol=1e-6)
+    y = torch.randn(3, 4, 6, 6)
+    p2, s2 = input_second_moment(conv, y), input_second_moment(conv, y, shrink=True)
+    assert torch.allclose(s2.diagonal(dim1=-2, dim2=-1), p2.diagonal(dim1=-2, dim2=-1), rtol=1e-4, atol=1e-6)
