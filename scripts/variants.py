@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from calib_free import synthesize_inputs
+from calib_free import synth_budget, synthesize_inputs
 from dfmpc_deploy.passes.base import run_recipe
+from dfmpc_deploy.passes.calibrate import Calibrate
 from dfmpc_deploy.passes.recipes import RECIPES
 from dfmpc_deploy.zoo.data import load_dataset, parse_data_spec
 from dfmpc_deploy.zoo.evaluate import accuracy
@@ -100,8 +101,8 @@ def main() -> None:
         if vpath.exists():
             xv = torch.load(vpath)
         else:
-            xv = synthesize_inputs(lm.module, shape, n=args.val_samples, steps=40, lr=0.25, seed=VAL_SEED,
-                                   coarse=0.7 if shape[1] > 64 else 0.0).inputs
+            xv = synthesize_inputs(lm.module, shape, n=args.val_samples, steps=40, lr=Calibrate.synth_lr,
+                                   seed=VAL_SEED, coarse=synth_budget(shape).coarse).inputs
             torch.save(xv, vpath)
         row["val_kl"], row["val_agree"] = (round(v, 5) for v in _proxy(lm.module.eval(), mp.module.eval(), xv))
     print(json.dumps(row), flush=True)

@@ -244,7 +244,7 @@ class Recalibrate(Pass):
             ``delta`` statistics are corrected at every BN whatever the scope (every layer is quantized, so every
             BN input changes); the scope says where ``absolute`` ones replace the stored statistics.
         stats: how they are corrected: ``delta``, ``absolute`` or ``auto`` (see the module docstring).
-        delta_fit: how ``delta`` carries the change: ``affine`` or ``ratio`` (:func:`delta_statistics`).
+        delta_fit: how ``delta`` carries the change: ``ratio``, ``affine`` or ``moments`` (:func:`delta_statistics`).
         rounding_scope: which layers error feedback re-rounds: ``low``, ``all``, or ``auto`` (the default: the low
             layers and every layer of at most 4 bits). At 6 bits nearest rounding costs little, and on ImageNet
             MobileNetV2 the 6-bit layers' error feedback lowered the held-out divergence but cost accuracy (the

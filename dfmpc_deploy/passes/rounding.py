@@ -263,13 +263,10 @@ def input_second_moment(module: nn.Module, x: torch.Tensor, max_rows: int | None
     if shrink:
         return _shrunk_second_moment(module, x)
     if isinstance(module, nn.Conv2d) and module.groups > 1:
-        g = module.groups
         total: torch.Tensor | None = None
         count = 0
         for xi in x.split(1):
-            cols = F.unfold(xi, module.kernel_size, module.dilation, cast(tuple[int, ...], module.padding),
-                            module.stride).float()
-            cols = cols.reshape(g, -1, cols.shape[-1])  # (G, K, L)
+            cols = _group_patches(module, xi)
             part = cols @ cols.transpose(1, 2)
             total = part if total is None else total + part
             count += cols.shape[-1]
@@ -279,6 +276,12 @@ def input_second_moment(module: nn.Module, x: torch.Tensor, max_rows: int | None
     if max_rows is not None and cols.shape[0] > max_rows:
         cols = cols[torch.linspace(0, cols.shape[0] - 1, max_rows, device=cols.device).long()]
     return cols.T @ cols / max(1, cols.shape[0])
+
+
+def _group_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The float32 im2col columns of one sample ``x`` (1, C, H, W) of a grouped Conv2d, per group: (G, K, L)."""
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, cast(tuple[int, ...], conv.padding), conv.stride).float()
+    return cols.reshape(conv.groups, -1, cols.shape[-1])
 
 
 def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -298,9 +301,7 @@ def _shrunk_second_moment(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     n = 0
     for xi in x.split(1):
         if isinstance(module, nn.Conv2d) and module.groups > 1:
-            cols = F.unfold(xi, module.kernel_size, module.dilation, cast(tuple[int, ...], module.padding),
-                            module.stride).float()
-            cols = cols.reshape(module.groups, -1, cols.shape[-1])  # (G, K, L)
+            cols = _group_patches(module, xi)
             h = cols @ cols.transpose(1, 2) / max(1, cols.shape[-1])
         else:
             cols = _patches(module, xi)
