@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from calib_free import synth_budget, synthesize_inputs
 from dfmpc_deploy.passes.base import run_recipe
 from dfmpc_deploy.passes.calibrate import Calibrate
+from dfmpc_deploy.passes.guard import mean_kl
 from dfmpc_deploy.passes.recipes import RECIPES
 from dfmpc_deploy.zoo.data import load_dataset, parse_data_spec
 from dfmpc_deploy.zoo.evaluate import accuracy
@@ -63,8 +64,7 @@ def _flatten(info: dict, prefix: str) -> dict:
 def _proxy(fp, q, x: torch.Tensor) -> tuple[float, float]:
     """Mean KL(p_FP || p_Q) and top-1 agreement (%) on ``x``."""
     lp, lq = F.log_softmax(fp(x).float(), 1), F.log_softmax(q(x).float(), 1)
-    kl = float((lp.exp() * (lp - lq)).sum(1).mean())
-    return kl, float((lp.argmax(1) == lq.argmax(1)).float().mean() * 100)
+    return mean_kl(lp, lq), float((lp.argmax(1) == lq.argmax(1)).float().mean() * 100)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["holdout_kl", "Snapshot", "snapshot", "restore", "guarded_apply"]
+__all__ = ["holdout_kl", "mean_kl", "Snapshot", "snapshot", "restore", "guarded_apply"]
 
 
 @torch.no_grad()
@@ -34,8 +34,12 @@ def holdout_kl(ctx: Any) -> float | None:
         ref = ctx.shared["holdout_fp_logp"] = F.log_softmax(fp(x).float(), dim=1)
         fp.to("cpu")
     ctx.model.to(ctx.device)
-    logq = F.log_softmax(ctx.model(x).float(), dim=1)
-    return float((ref.exp() * (ref - logq)).sum(1).mean())
+    return mean_kl(ref, F.log_softmax(ctx.model(x).float(), dim=1))
+
+
+def mean_kl(logp: torch.Tensor, logq: torch.Tensor) -> float:
+    """Mean over rows of ``KL(p || q)`` (nats) from log-probabilities (N, classes)."""
+    return float((logp.exp() * (logp - logq)).sum(1).mean())
 
 
 @dataclass
